@@ -1,0 +1,110 @@
+"""Label conventions and tumour regions, as data.
+
+Internally every label map uses one canonical scheme: the five classes of Havaei et al. (2017),
+which are the BRATS 2012-2015 labels:
+
+    0 other (healthy tissue and background), 1 necrosis, 2 oedema, 3 non-enhancing tumour,
+    4 enhancing tumour.
+
+Each convention is a table from its file values to canonical classes. Conventions that merge
+necrosis and non-enhancing tumour into one label (BraTS 2017+ "NCR/NET", BraTS 2023 "NETC")
+map that label to canonical 1; on the way back, canonical 1 and 3 both map to the merged label.
+MSD Task01's "non-enhancing tumour" (label 2) maps to canonical 3. File -> canonical -> file is
+exact for every value a convention defines.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from tumorseg.errors import TumorsegInputError
+
+N_CLASSES = 5
+CLASS_NAMES = ("other", "necrosis", "oedema", "non-enhancing", "enhancing")
+REGION_NAMES = ("whole", "core", "enhancing")
+# Regions in canonical classes (identical to the BRATS 2013 table).
+CANONICAL_REGIONS = {"whole": (1, 2, 3, 4), "core": (1, 3, 4), "enhancing": (4,)}
+
+
+@dataclass(frozen=True)
+class Convention:
+    """A label convention: file value -> (name, canonical class), and canonical -> file value."""
+
+    name: str
+    values: dict[int, str]  # file value -> label name as the challenge calls it
+    to_canonical: dict[int, int]  # file value -> canonical class
+    from_canonical: dict[int, int]  # canonical class -> file value
+    regions: dict[str, tuple[int, ...]]  # region -> file values
+
+    def encode(self, labels: np.ndarray, where: str | None = None) -> np.ndarray:
+        """Map a label map in this convention to canonical classes (same shape, uint8)."""
+        return _lookup(labels, self.to_canonical, f"{self.name} labels", where)
+
+    def decode(self, canonical: np.ndarray) -> np.ndarray:
+        """Map canonical classes back to this convention's file values (same shape, uint8)."""
+        return _lookup(canonical, self.from_canonical, "canonical classes", None)
+
+    def region_mask(self, labels: np.ndarray, region: str) -> np.ndarray:
+        """Boolean mask of `region` ('whole', 'core', 'enhancing') in a map of file values."""
+        return np.isin(labels, self.regions[region])
+
+
+def _lookup(arr: np.ndarray, table: dict[int, int], what: str, where: str | None) -> np.ndarray:
+    if arr.dtype.kind == "f":
+        if not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr)):
+            raise TumorsegInputError(where, f"label map has non-integer values; {what} are integers")
+    arr_i = arr.astype(np.int64, copy=False)
+    present = np.unique(arr_i)
+    bad = [int(v) for v in present if int(v) not in table]
+    if bad:
+        raise TumorsegInputError(
+            where, f"label values {bad} are outside {what} (allowed: {sorted(table)})"
+        )
+    lut = np.zeros(max(max(table), int(present.max(initial=0))) + 1, dtype=np.uint8)
+    for k, v in table.items():
+        lut[k] = v
+    return lut[arr_i]
+
+
+CONVENTIONS: dict[str, Convention] = {
+    "brats2013": Convention(
+        "brats2013",
+        {0: "background", 1: "necrosis", 2: "oedema", 3: "non-enhancing", 4: "enhancing"},
+        {0: 0, 1: 1, 2: 2, 3: 3, 4: 4},
+        {0: 0, 1: 1, 2: 2, 3: 3, 4: 4},
+        {"whole": (1, 2, 3, 4), "core": (1, 3, 4), "enhancing": (4,)},
+    ),
+    "brats2017": Convention(
+        "brats2017",
+        {0: "background", 1: "NCR/NET", 2: "ED", 4: "ET"},
+        {0: 0, 1: 1, 2: 2, 4: 4},
+        {0: 0, 1: 1, 2: 2, 3: 1, 4: 4},
+        {"whole": (1, 2, 4), "core": (1, 4), "enhancing": (4,)},
+    ),
+    "brats2023": Convention(
+        "brats2023",
+        {0: "background", 1: "NETC", 2: "SNFH", 3: "ET"},
+        {0: 0, 1: 1, 2: 2, 3: 4},
+        {0: 0, 1: 1, 2: 2, 3: 1, 4: 3},
+        {"whole": (1, 2, 3), "core": (1, 3), "enhancing": (3,)},
+    ),
+    "msd": Convention(
+        "msd",
+        {0: "background", 1: "oedema", 2: "non-enhancing", 3: "enhancing"},
+        {0: 0, 1: 2, 2: 3, 3: 4},
+        {0: 0, 1: 2, 2: 1, 3: 2, 4: 3},
+        {"whole": (1, 2, 3), "core": (2, 3), "enhancing": (3,)},
+    ),
+}
+
+
+def get_convention(name: str) -> Convention:
+    """Look up a convention by name; an unknown name is an error listing the valid ones."""
+    try:
+        return CONVENTIONS[name]
+    except KeyError:
+        raise TumorsegInputError(
+            None, f"unknown label convention {name!r}; valid: {', '.join(CONVENTIONS)}"
+        ) from None
