@@ -90,7 +90,10 @@ def read_volume(path: str | Path, allowed_ndim: tuple[int, ...] = (3,)) -> Volum
 def _read_nifti(path: Path) -> Volume:
     import nibabel as nib
 
-    img = nib.load(str(path))
+    try:
+        img = nib.load(str(path))
+    except nib.filebasedimages.ImageFileError as exc:  # e.g. "is not a gzip file"
+        raise ValueError(str(exc)) from exc  # reported by read_volume as a corrupt file
     data = np.asanyarray(img.dataobj)  # forces full decompression: truncation surfaces here
     # Trailing singleton dimensions (x, y, z, 1) are common in exported 3-D images.
     while data.ndim > 3 and data.shape[-1] == 1:

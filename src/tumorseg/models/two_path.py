@@ -95,7 +95,7 @@ class TwoPathCNN(nn.Module):
                 nn.init.zeros_(m.bias)
         if self.cfg.class_freq is not None:
             with torch.no_grad():
-                self.head.bias.copy_(torch.tensor([math.log(max(f, 1e-8)) for f in self.cfg.class_freq]))
+                self.head.bias.copy_(torch.tensor([math.log(max(f, 1e-4)) for f in self.cfg.class_freq]))
 
     def forward(self, x: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
         """x: [B, C, S, S']; extra: first-stage probabilities at this model's join point."""

@@ -1,0 +1,320 @@
+"""The `tumorseg` command: thin subcommands that parse arguments and call the Python API.
+
+Exit codes: 0 success; 1 some cases of a batch failed (each reported); 2 bad arguments or bad
+input (a one-line message, never a traceback); 130 interrupted (training saved a checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from tumorseg.errors import TumorsegInputError
+from tumorseg.postprocess import PostprocessConfig
+
+
+def _err(msg: str) -> None:
+    print(f"tumorseg: error: {msg}", file=sys.stderr)
+
+
+def _progress(args) -> bool:
+    return not getattr(args, "no_progress", False) and sys.stderr.isatty()
+
+
+# -- models ------------------------------------------------------------------------------------
+
+def cmd_models(args) -> int:
+    from tumorseg.models import MODELS, build_model, params_total
+
+    rows = []
+    for name in MODELS:
+        m = build_model(name)
+        rows.append({"name": name, "patch_size": m.patch_size, "receptive_field": m.receptive_field,
+                     "params_paper": m.params_paper, "params_total": params_total(m)})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'model':<15}{'patch':>7}{'rf':>5}{'params (paper)':>16}{'params (total)':>16}")
+    for r in rows:
+        print(f"{r['name']:<15}{r['patch_size']:>7}{r['receptive_field']:>5}"
+              f"{r['params_paper']:>16,}{r['params_total']:>16,}")
+    print("params (paper): kernel weights as Havaei et al. count them (no biases, one maxout "
+          "piece; a cascade's second CNN only)")
+    return 0
+
+
+# -- preprocess --------------------------------------------------------------------------------
+
+def cmd_preprocess(args) -> int:
+    from tumorseg.datasets import find_cases
+    from tumorseg.preprocess import PreprocessSettings, preprocess_dataset
+
+    errors: list = []
+    cases = find_cases(args.input, layout=args.layout, labels=args.labels, errors=errors)
+    settings = PreprocessSettings(n4=args.n4, margin=args.margin)
+    done, failed = preprocess_dataset(cases, settings, args.output, workers=args.workers,
+                                      progress=_progress(args))
+    failed = [(str(w), str(e)) for w, e in errors] + failed
+    for case_id, msg in failed:
+        _err(f"case {case_id} failed: {msg}")
+    print(f"preprocessed {len(done)} case(s) into {args.output}; {len(failed)} failed")
+    return 1 if failed else 0
+
+
+# -- train -------------------------------------------------------------------------------------
+
+def cmd_train(args) -> int:
+    from tumorseg.config import load_config
+    from tumorseg.train import Interrupted, TrainConfig, train
+
+    cfg = load_config(TrainConfig, args.config, args.overrides)
+    try:
+        summary = train(cfg, args.data, args.out, resume=args.resume, device=args.device,
+                        progress=_progress(args))
+    except Interrupted as exc:
+        _err(str(exc))
+        return 130
+    print(json.dumps({k: summary[k] for k in ("model_file", "val_dice", "seconds")}, indent=2))
+    return 0
+
+
+# -- segment -----------------------------------------------------------------------------------
+
+def _labels_arg(args) -> str | None:
+    return None if args.labels in (None, "auto") else args.labels
+
+
+def cmd_segment(args) -> int:
+    from tumorseg.datasets import find_cases
+    from tumorseg.postprocess import PostprocessConfig
+    from tumorseg.segment import files_case, segment_cases
+
+    labels = _labels_arg(args)
+    files = {m: getattr(args, m) for m in ("t1", "t1c", "t2", "flair")}
+    given = [m for m, f in files.items() if f]
+    errors: list = []
+    if given:
+        if args.input:
+            raise TumorsegInputError("-i", "give either -i INPUT or the four files --t1 --t1c "
+                                           "--t2 --flair, not both")
+        missing = [f"--{m}" for m in files if not files[m]]
+        if missing:
+            raise TumorsegInputError(None, f"explicit files need all four modalities; missing "
+                                           f"{' '.join(missing)}")
+        cases = [files_case(**files, convention=labels)]
+    elif args.input:
+        cases = find_cases(args.input, layout=args.layout, labels=labels, errors=errors)
+    else:
+        raise TumorsegInputError(None, "give -i INPUT (a case folder or dataset root) or the "
+                                       "four files --t1 --t1c --t2 --flair")
+    # One case in the input: its failure is a bad input (exit 2), as for any single file.
+    single = len(cases) + len(errors) == 1
+    if single and errors:
+        raise errors[0][1]
+    post = PostprocessConfig(enabled=not args.no_postprocess,
+                             min_component_voxels=args.min_component,
+                             min_enhancing_voxels=args.min_enhancing)
+    results, failures = segment_cases(
+        args.model, cases, args.output, continue_=args.continue_, num_parts=args.num_parts,
+        part_id=args.part_id, postprocess=post, probabilities=args.probabilities,
+        overlay=args.overlay, output_format=args.output_format, batch_size=args.batch_size,
+        device=args.device, progress=_progress(args), log=print)
+    for r in results:
+        print(f"{r['case_id']}: {r['labels']} ({r['seconds']:.1f} s)")
+    if args.part_id == 0:  # cases find_cases rejected belong to no part: part 0 reports them
+        failures = [(str(cid), str(err)) for cid, err in errors] + failures
+    if single and failures:
+        _err(failures[0][1])
+        return 2
+    for case_id, msg in failures:
+        _err(f"case {case_id} failed: {msg}")
+    print(f"segmented {len(results)} case(s) into {args.output}; {len(failures)} failed")
+    return 1 if failures else 0
+
+
+# -- evaluate ----------------------------------------------------------------------------------
+
+PREDICTION_SUFFIXES = (".nii.gz", ".nii", ".mha")
+
+
+def _prediction(pred_dir: Path, case_id: str) -> Path | None:
+    for suffix in PREDICTION_SUFFIXES:
+        if (pred_dir / f"{case_id}{suffix}").is_file():
+            return pred_dir / f"{case_id}{suffix}"
+    return None
+
+
+def cmd_evaluate(args) -> int:
+    from tumorseg import metrics
+    from tumorseg.datasets import find_cases
+    from tumorseg.labels import get_convention
+
+    pred_dir = Path(args.pred)
+    if not pred_dir.is_dir():
+        raise TumorsegInputError(pred_dir, "prediction folder does not exist")
+    errors: list = []
+    cases = find_cases(args.ref, layout=args.layout, labels=_labels_arg(args), errors=errors)
+    problems = [(str(cid), f"reference case skipped: {err}") for cid, err in errors]
+    labelled = [c for c in cases if c.label is not None]
+    if not labelled:
+        raise TumorsegInputError(args.ref, "no reference label maps found: evaluate needs the "
+                                           "ground truth (e.g. <id>_seg.nii.gz)")
+    rows: list[dict] = []
+    for case in labelled:
+        conv = get_convention(case.convention)
+        pred = _prediction(pred_dir, case.case_id)
+        if pred is None:
+            problems.append((case.case_id, f"no prediction {pred_dir / case.case_id}.nii.gz "
+                                           "(or .nii, .mha): counted as empty"))
+        try:
+            rows += metrics.evaluate_cases([(case.case_id, pred, case.label)], conv,
+                                           lesionwise=args.lesionwise)
+        except TumorsegInputError as exc:
+            if pred is None or exc.where != str(pred):
+                problems.append((case.case_id, f"reference case skipped: {exc}"))
+                continue
+            problems.append((case.case_id, f"{exc}: counted as empty"))
+            rows += metrics.evaluate_cases([(case.case_id, None, case.label)], conv,
+                                           lesionwise=args.lesionwise)
+    for case_id, msg in problems:
+        _err(f"case {case_id}: {msg}")
+    if not rows:
+        raise TumorsegInputError(args.ref, "no case could be evaluated")
+    summary = metrics.summarize(rows)
+    print(metrics.format_summary(summary))
+    n_cases = len({r["case_id"] for r in rows})
+    print(f"evaluated {n_cases} case(s); {len(problems)} problem(s) reported")
+    if args.output:
+        metrics.write_csv(rows, args.output)
+    if args.json:
+        metrics.write_json(summary, args.json)
+    return 1 if problems else 0
+
+
+# -- parser ------------------------------------------------------------------------------------
+
+def _common_data(p: argparse.ArgumentParser, auto: bool = False) -> None:
+    p.add_argument("--layout", choices=["brats2013", "brats2017", "brats2023", "msd", "nnunet"],
+                   help="override layout detection")
+    p.add_argument("--labels", choices=(["auto"] if auto else []) + ["brats2013", "brats2017",
+                                                                     "brats2023", "msd"],
+                   help="override the label convention" + (" (auto: the layout's own; "
+                        "brats2017 for explicit files)" if auto else ""))
+
+
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = _nonnegative_int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tumorseg",
+        description="Brain tumour segmentation in multimodal MRI (Havaei et al. 2017).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("models", help="list the architectures and their sizes")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("preprocess", help="preprocess a dataset into a cache folder")
+    p.add_argument("-i", "--input", required=True, help="dataset root or case folder")
+    p.add_argument("-o", "--output", required=True, help="cache folder")
+    p.add_argument("--n4", action="store_true", help="N4 bias correction of T1 and T1c")
+    p.add_argument("--margin", type=int, default=8, help="voxels kept around the brain box")
+    p.add_argument("--workers", type=int, default=2, help="processes")
+    p.add_argument("--no-progress", action="store_true")
+    _common_data(p)
+    p.set_defaults(func=cmd_preprocess)
+
+    p = sub.add_parser("train", help="train a model (two phases; cascades load or train a first stage)")
+    p.add_argument("--config", required=True, help="TOML config, e.g. configs/two_path.toml")
+    p.add_argument("--data", required=True, help="dataset root with label maps")
+    p.add_argument("--out", required=True, help="run folder (checkpoints, logs, model.pt)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, e.g. phase1.epochs=3 seed=1")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("segment", help="segment a case, a dataset or four files into label maps")
+    p.add_argument("-i", "--input", help="case folder or dataset root (any supported layout)")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("--model", default=None, metavar="NAME_OR_PATH",
+                   help="released model (input_cascade, two_path; default input_cascade) or a "
+                        "model file written by `tumorseg train`")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    for m, what in (("t1", "T1"), ("t1c", "T1 with contrast (T1gd, T1ce)"), ("t2", "T2"),
+                    ("flair", "FLAIR")):
+        p.add_argument(f"--{m}", metavar="FILE", help=f"{what} file, instead of -i")
+    p.add_argument("--probabilities", action="store_true",
+                   help="also write <case>_probabilities.nii.gz (x, y, z, 5 classes)")
+    p.add_argument("--overlay", action="store_true", help="also write a <case>.png overlay")
+    p.add_argument("--continue", dest="continue_", action="store_true",
+                   help="skip cases whose outputs already exist")
+    p.add_argument("--num-parts", type=_positive_int, default=1, metavar="N",
+                   help="split the cases into N parts (one per process or machine)")
+    p.add_argument("--part-id", type=_nonnegative_int, default=0, metavar="K",
+                   help="segment part K (0-based) of --num-parts")
+    p.add_argument("--no-postprocess", action="store_true", help="skip post-processing")
+    p.add_argument("--min-component", type=_nonnegative_int, metavar="N",
+                   default=PostprocessConfig.min_component_voxels,
+                   help="remove whole-tumour components smaller than N voxels (default "
+                        "%(default)s; the largest is kept)")
+    p.add_argument("--min-enhancing", type=_nonnegative_int, metavar="N",
+                   default=PostprocessConfig.min_enhancing_voxels,
+                   help="fewer enhancing voxels than N in a case become necrosis (default "
+                        "%(default)s)")
+    p.add_argument("--output-format", choices=["nii.gz", "mha"],
+                   help="label map format (default: as the input, .mha in -> .mha out)")
+    p.add_argument("--batch-size", type=_positive_int, default=8, metavar="N",
+                   help="axial slices per forward pass; bounds memory (default %(default)s)")
+    p.add_argument("--no-progress", action="store_true")
+    _common_data(p, auto=True)
+    p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("evaluate", help="score predictions against reference label maps")
+    p.add_argument("--pred", required=True, help="folder of <case_id>.nii.gz (or .mha) predictions")
+    p.add_argument("--ref", required=True, help="dataset root with the reference label maps")
+    p.add_argument("-o", "--output", metavar="CSV", help="per-case metrics CSV")
+    p.add_argument("--json", metavar="JSON", help="summary JSON")
+    p.add_argument("--lesionwise", action="store_true",
+                   help="add BraTS 2023 lesion-wise Dice and HD95")
+    _common_data(p, auto=True)
+    p.set_defaults(func=cmd_evaluate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse already printed the usage line
+        return int(exc.code or 0)
+    try:
+        return int(args.func(args))
+    except TumorsegInputError as exc:
+        _err(str(exc))
+        return 2
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

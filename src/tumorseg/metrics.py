@@ -1,0 +1,408 @@
+"""Segmentation metrics on named tumour regions, with the BraTS rules for empty masks.
+
+Every metric compares two boolean region masks of shape (x, y, z) through the voxel counts
+tp = |P & T|, fp = |P & ~T|, fn = |~P & T|, tn = |~P & ~T| (P prediction, T reference):
+
+    dice        = 2 tp / (2 tp + fp + fn)   1 if both masks are empty, 0 if exactly one is
+    sensitivity = tp / (tp + fn)            1 if the reference is empty (nothing to miss),
+                                            whatever the prediction
+    specificity = tn / (tn + fp)            over the whole image; 1 if there are no negatives
+    ppv         = tp / (tp + fp)            1 if both masks are empty, 0 if only the
+                                            prediction is empty (it found nothing that exists)
+    hd95        (mm, see `hd95`)            0 if both masks are empty, 373.13 if exactly one is
+
+The Dice and HD95 rules are those of BraTS 2017-2022 (CaPTk): 373.13 mm is the diagonal of the
+240 x 240 x 155 mm BraTS volume, sqrt(240^2 + 240^2 + 155^2). BraTS 2023 lesion-wise scores
+(`lesionwise`) use 374 instead, as their reference code does.
+
+HD95 agrees with MONAI's `compute_hausdorff_distance(..., percentile=95, spacing=...)` with
+default settings: surface = mask XOR binary_erosion(mask) (6-connected, voxels outside the image
+count as background, so a mask touching the image border has a surface there), distances are
+exact Euclidean in mm (header spacing), the 95th percentile (linear interpolation) is taken of
+each directed set of surface distances and HD95 is the larger of the two.
+
+Summary statistics (`summarize`) use the population standard deviation (ddof=0) and numpy's
+default (linear) percentiles.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from tumorseg import io
+from tumorseg.errors import TumorsegInputError
+from tumorseg.labels import REGION_NAMES, Convention
+
+METRIC_NAMES = ("dice", "hd95", "sensitivity", "specificity", "ppv")
+LESION_METRIC_NAMES = ("lesion_dice", "lesion_hd95")
+HD95_ONE_EMPTY = 373.13  # mm, BraTS 2017-2022
+LESION_HD95_MISS = 374.0  # mm, BraTS 2023 lesion-wise penalty
+CSV_COLUMNS = ("case_id", "region") + METRIC_NAMES
+
+Spacing = Sequence[float]
+
+
+def confusion(pred: np.ndarray, ref: np.ndarray) -> tuple[int, int, int, int]:
+    """(tp, fp, fn, tn) voxel counts of two boolean masks of equal shape."""
+    pred, ref = _as_masks(pred, ref)
+    tp = int(np.count_nonzero(pred & ref))
+    n_pred = int(np.count_nonzero(pred))
+    n_ref = int(np.count_nonzero(ref))
+    fp, fn = n_pred - tp, n_ref - tp
+    return tp, fp, fn, pred.size - tp - fp - fn
+
+
+def dice(pred: np.ndarray, ref: np.ndarray) -> float:
+    """Dice overlap in [0, 1]; 1 if both masks are empty."""
+    tp, fp, fn, _ = confusion(pred, ref)
+    return 1.0 if tp + fp + fn == 0 else 2.0 * tp / (2 * tp + fp + fn)
+
+
+def sensitivity(pred: np.ndarray, ref: np.ndarray) -> float:
+    """Recall tp / (tp + fn); 1 if the reference is empty."""
+    tp, _, fn, _ = confusion(pred, ref)
+    return 1.0 if tp + fn == 0 else tp / (tp + fn)
+
+
+def specificity(pred: np.ndarray, ref: np.ndarray) -> float:
+    """tn / (tn + fp) over every voxel of the image; 1 if there are no negatives."""
+    _, fp, _, tn = confusion(pred, ref)
+    return 1.0 if tn + fp == 0 else tn / (tn + fp)
+
+
+def ppv(pred: np.ndarray, ref: np.ndarray) -> float:
+    """Precision tp / (tp + fp); for an empty prediction 1 if the reference is empty, else 0."""
+    tp, fp, fn, _ = confusion(pred, ref)
+    if tp + fp == 0:
+        return 1.0 if fn == 0 else 0.0
+    return tp / (tp + fp)
+
+
+def hd95(pred: np.ndarray, ref: np.ndarray, spacing: Spacing) -> float:
+    """95th-percentile symmetric Hausdorff distance in mm between two (x, y, z) masks.
+
+    spacing: voxel size in mm along x, y, z (from the header). 0 if both masks are empty,
+    373.13 if exactly one is (see the module docstring for the definition).
+    """
+    pred, ref = _as_masks(pred, ref)
+    has_pred, has_ref = bool(pred.any()), bool(ref.any())
+    if not has_pred and not has_ref:
+        return 0.0
+    if has_pred != has_ref:
+        return HD95_ONE_EMPTY
+    return _hd95_nonempty(pred, ref, spacing)
+
+
+def _hd95_nonempty(pred: np.ndarray, ref: np.ndarray, spacing: Spacing) -> float:
+    if len(spacing) != pred.ndim:
+        raise ValueError(f"spacing {tuple(spacing)} does not match a {pred.ndim}-D mask")
+    # Crop to the union's bounding box, then pad one background voxel on every side: erosion
+    # then sees background beyond the image border exactly as MONAI (and scipy's default
+    # border_value=0) do on the full image, and every surface voxel stays inside the box.
+    box = _bbox(pred | ref)
+    pred = np.pad(pred[box], 1)
+    ref = np.pad(ref[box], 1)
+    surf_pred = pred ^ ndimage.binary_erosion(pred)
+    surf_ref = ref ^ ndimage.binary_erosion(ref)
+    sampling = tuple(float(s) for s in spacing)
+    d_pred_to_ref = ndimage.distance_transform_edt(~surf_ref, sampling=sampling)[surf_pred]
+    d_ref_to_pred = ndimage.distance_transform_edt(~surf_pred, sampling=sampling)[surf_ref]
+    return float(max(np.percentile(d_pred_to_ref, 95), np.percentile(d_ref_to_pred, 95)))
+
+
+def _bbox(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...]:
+    """Slices of the bounding box of a non-empty mask, grown by `margin`, clipped to the image."""
+    idx = np.argwhere(mask)
+    lo = np.maximum(idx.min(axis=0) - margin, 0)
+    hi = np.minimum(idx.max(axis=0) + 1 + margin, mask.shape)
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+
+
+def _as_masks(pred: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    pred, ref = np.asarray(pred, dtype=bool), np.asarray(ref, dtype=bool)
+    if pred.shape != ref.shape:
+        raise ValueError(f"prediction shape {pred.shape} != reference shape {ref.shape}")
+    return pred, ref
+
+
+def mask_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Spacing) -> dict[str, float]:
+    """All of METRIC_NAMES for one pair of boolean masks."""
+    return {
+        "dice": dice(pred, ref),
+        "hd95": hd95(pred, ref, spacing),
+        "sensitivity": sensitivity(pred, ref),
+        "specificity": specificity(pred, ref),
+        "ppv": ppv(pred, ref),
+    }
+
+
+def region_metrics(
+    pred_labels: np.ndarray, ref_labels: np.ndarray, convention: Convention, spacing: Spacing
+) -> dict[str, dict[str, float]]:
+    """{region: {metric: value}} for whole / core / enhancing.
+
+    pred_labels, ref_labels: (x, y, z) label maps in `convention`'s file values.
+    spacing: voxel size in mm along x, y, z.
+    """
+    return {
+        region: mask_metrics(
+            convention.region_mask(pred_labels, region),
+            convention.region_mask(ref_labels, region),
+            spacing,
+        )
+        for region in REGION_NAMES
+    }
+
+
+# -- BraTS 2023 lesion-wise metrics ------------------------------------------------------------
+
+
+def lesionwise(
+    pred_mask: np.ndarray,
+    ref_mask: np.ndarray,
+    spacing: Spacing,
+    dilation_iters: int = 3,
+    min_lesion_voxels: int = 50,
+) -> dict:
+    """BraTS 2023 lesion-wise Dice and HD95 (mm) for one region.
+
+    pred_mask, ref_mask: (x, y, z) boolean masks; spacing: voxel size in mm along x, y, z.
+
+    Follows the BraTS 2023 reference code (rachitsaluja/BraTS-2023-Metrics, BraTS-GLI settings):
+    1. GT lesions are the 26-connected components of the reference. Components whose dilations
+       touch are merged: the reference is dilated as a whole (`dilation_iters` iterations of the
+       18-connected structuring element, scipy's generate_binary_structure(3, 2), exactly as the
+       reference code) and each 26-connected component of the dilated mask defines one lesion =
+       the reference voxels inside it. Predicted components are the 26-connected
+       components of the prediction.
+    2. Each lesion is dilated again the same way; the predicted components that intersect its
+       dilation are its matches (a component may match several lesions).
+    3. Per lesion: Dice and HD95 between the lesion and the union of its matches (HD95 as
+       `hd95`); a lesion without matches (FN) scores Dice 0, HD95 374.
+    4. Lesions with at most `min_lesion_voxels` voxels are dropped from the score, and the
+       predicted components matching them are not counted as false positives.
+    5. Each predicted component that matches no lesion (FP) adds a term Dice 0, HD95 374.
+    6. score = sum of terms / (number of kept lesions + number of FP components); when that
+       count is 0 (e.g. both masks empty) Dice is 1 and HD95 is 0.
+
+    Simplifications against the reference code: the size threshold counts voxels (the reference
+    compares the volume in mm^3 with 50, identical on BraTS's 1 mm isotropic grid; both drop
+    lesions of exactly the threshold); per-lesion HD95 is this module's MONAI-compatible `hd95`
+    (surface voxels, plain percentiles) instead of DeepMind's surface-distance package
+    (surfel areas, area-weighted percentiles), so HD95 values differ slightly on real shapes.
+
+    Returns {"lesion_dice", "lesion_hd95", "n_lesions" (kept GT lesions), "n_tp" (kept lesions
+    with a match), "n_fn", "n_fp", "lesions": [{"voxels", "matched", "dice", "hd95"} per kept
+    lesion]}.
+    """
+    import cc3d
+
+    pred, ref = _as_masks(pred_mask, ref_mask)
+    # 18-connected (faces and edges): the reference code's generate_binary_structure(3, 2).
+    struct = ndimage.generate_binary_structure(3, 2)
+    pred_cc = cc3d.connected_components(pred.astype(np.uint8), connectivity=26)
+    lesions = _merged_lesions(ref, struct, dilation_iters)
+
+    matched: set[int] = set()  # predicted components matching any lesion, dropped ones included
+    scores = []
+    for lesion_box, lesion in lesions:
+        # The dilated lesion fits in the lesion's box grown by `dilation_iters` voxels.
+        box = _grow(lesion_box, dilation_iters, ref.shape)
+        local = np.zeros(tuple(s.stop - s.start for s in box), dtype=bool)
+        inner = tuple(slice(a.start - b.start, a.stop - b.start) for a, b in zip(lesion_box, box))
+        local[inner] = lesion
+        dilated = ndimage.binary_dilation(local, structure=struct, iterations=dilation_iters)
+        ids = np.unique(pred_cc[box][dilated])
+        ids = ids[ids != 0]
+        matched.update(int(i) for i in ids)
+        n_voxels = int(np.count_nonzero(lesion))
+        if n_voxels <= min_lesion_voxels:
+            continue
+        if len(ids) == 0:
+            scores.append(
+                {"voxels": n_voxels, "matched": False, "dice": 0.0, "hd95": LESION_HD95_MISS}
+            )
+            continue
+        gt = np.zeros(ref.shape, dtype=bool)
+        gt[lesion_box] = lesion
+        union = np.isin(pred_cc, ids)
+        scores.append(
+            {
+                "voxels": n_voxels,
+                "matched": True,
+                "dice": dice(union, gt),
+                "hd95": _hd95_nonempty(union, gt, spacing),
+            }
+        )
+
+    n_fp = int(pred_cc.max()) - len(matched)
+    n_terms = len(scores) + n_fp
+    if n_terms == 0:
+        lesion_dice, lesion_hd95 = 1.0, 0.0
+    else:
+        lesion_dice = sum(s["dice"] for s in scores) / n_terms
+        lesion_hd95 = (sum(s["hd95"] for s in scores) + n_fp * LESION_HD95_MISS) / n_terms
+    n_tp = sum(1 for s in scores if s["matched"])
+    return {
+        "lesion_dice": float(lesion_dice),
+        "lesion_hd95": float(lesion_hd95),
+        "n_lesions": len(scores),
+        "n_tp": n_tp,
+        "n_fn": len(scores) - n_tp,
+        "n_fp": n_fp,
+        "lesions": scores,
+    }
+
+
+def _merged_lesions(
+    ref: np.ndarray, struct: np.ndarray, iters: int
+) -> list[tuple[tuple[slice, ...], np.ndarray]]:
+    """GT lesions as (box, boolean mask within box), merged where their dilations connect."""
+    import cc3d
+
+    if not ref.any():
+        return []
+    box = _bbox(ref, margin=iters)  # the whole dilation fits (clipped at the image border)
+    ref_box = ref[box]
+    dilated = ndimage.binary_dilation(ref_box, structure=struct, iterations=iters)
+    dilated_cc = cc3d.connected_components(dilated.astype(np.uint8), connectivity=26)
+    lesion_ids = np.where(ref_box, dilated_cc, 0)
+    out = []
+    for idx, sl in enumerate(ndimage.find_objects(lesion_ids), start=1):
+        if sl is None:
+            continue
+        lesion_box = tuple(slice(b.start + s.start, b.start + s.stop) for b, s in zip(box, sl))
+        out.append((lesion_box, lesion_ids[sl] == idx))
+    return out
+
+
+def _grow(box: tuple[slice, ...], margin: int, shape: tuple[int, ...]) -> tuple[slice, ...]:
+    return tuple(
+        slice(max(s.start - margin, 0), min(s.stop + margin, n)) for s, n in zip(box, shape)
+    )
+
+
+# -- evaluation of cases on disk ---------------------------------------------------------------
+
+
+def evaluate_cases(
+    pairs: Iterable[tuple[str, str | Path | None, str | Path]],
+    convention: Convention,
+    lesionwise: bool = False,
+) -> list[dict]:
+    """Metrics of every case and region, one row each.
+
+    pairs: (case_id, prediction label file or None, reference label file); both files hold
+    label maps in `convention`'s file values. A None prediction counts as all background and
+    its rows carry missing=True. Spacing (mm) comes from the reference header.
+    Returns rows {case_id, region, dice, hd95, sensitivity, specificity, ppv, missing
+    [, lesion_dice, lesion_hd95]}.
+    """
+    rows = []
+    for case_id, pred_path, ref_path in pairs:
+        ref_vol = io.read_volume(ref_path)
+        ref = ref_vol.data
+        convention.encode(ref, where=str(ref_path))  # validates the label values
+        if pred_path is None:
+            pred = np.zeros(ref.shape, dtype=np.uint8)
+        else:
+            pred = io.read_volume(pred_path).data
+            if pred.shape != ref.shape:
+                raise TumorsegInputError(
+                    pred_path,
+                    f"prediction shape {pred.shape} != reference shape {ref.shape} of {ref_path}",
+                )
+            convention.encode(pred, where=str(pred_path))
+        spacing = ref_vol.spacing
+        for region in REGION_NAMES:
+            p = convention.region_mask(pred, region)
+            r = convention.region_mask(ref, region)
+            row: dict = {"case_id": str(case_id), "region": region}
+            row.update(mask_metrics(p, r, spacing))
+            row["missing"] = pred_path is None
+            if lesionwise:
+                lw = _lesionwise_scores(p, r, spacing)
+                row["lesion_dice"], row["lesion_hd95"] = lw["lesion_dice"], lw["lesion_hd95"]
+            rows.append(row)
+    return rows
+
+
+_lesionwise_scores = lesionwise  # evaluate_cases' `lesionwise` flag shadows the function
+
+
+def summarize(rows: Iterable[dict]) -> dict[str, dict[str, dict[str, float]]]:
+    """{region: {metric: {mean, std, median, p25, p75, n}}} over the rows of each region.
+
+    std is the population standard deviation (ddof=0); percentiles interpolate linearly.
+    Lesion-wise metrics are summarised when the rows carry them.
+    """
+    values: dict[str, dict[str, list[float]]] = {}
+    for row in rows:
+        per_metric = values.setdefault(row["region"], {})
+        for name in METRIC_NAMES + LESION_METRIC_NAMES:
+            if name in row:
+                per_metric.setdefault(name, []).append(float(row[name]))
+    summary: dict[str, dict[str, dict[str, float]]] = {}
+    for region, per_metric in values.items():
+        summary[region] = {}
+        for name, vals in per_metric.items():
+            arr = np.asarray(vals, dtype=np.float64)
+            p25, median, p75 = np.percentile(arr, [25, 50, 75])
+            summary[region][name] = {
+                "mean": float(arr.mean()),
+                "std": float(arr.std(ddof=0)),
+                "median": float(median),
+                "p25": float(p25),
+                "p75": float(p75),
+                "n": int(arr.size),
+            }
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    """A fixed-width text table: one line per (region, metric)."""
+    stat_names = ("mean", "std", "median", "p25", "p75")
+    header = f"{'region':<10} {'metric':<12} " + " ".join(f"{k:>9}" for k in stat_names)
+    header += f" {'n':>5}"
+    lines = [header, "-" * len(header)]
+    for region, per_metric in summary.items():
+        for name, s in per_metric.items():
+            stats = " ".join(f"{s[k]:>9.4f}" for k in stat_names)
+            lines.append(f"{region:<10} {name:<12} {stats} {s['n']:>5d}")
+    return "\n".join(lines)
+
+
+def write_csv(rows: Sequence[dict], path: str | Path) -> Path:
+    """Write rows as CSV (case_id,region,dice,hd95,sensitivity,specificity,ppv[,lesion_dice,
+    lesion_hd95]) atomically; lesion columns appear when any row has them."""
+    path = Path(path)
+    columns = list(CSV_COLUMNS)
+    if any("lesion_dice" in row for row in rows):
+        columns += list(LESION_METRIC_NAMES)
+    with io.atomic_write(path) as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow([_csv_value(row.get(c, "")) for c in columns])
+    return path
+
+
+def _csv_value(value: object) -> object:
+    if isinstance(value, (float, np.floating)):
+        return "nan" if math.isnan(value) else repr(float(value))  # repr round-trips exactly
+    return value
+
+
+def write_json(summary: dict, path: str | Path) -> Path:
+    """Write a summary (or any JSON-able dict) atomically, indented."""
+    path = Path(path)
+    with io.atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    return path

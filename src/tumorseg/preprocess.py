@@ -1,0 +1,264 @@
+"""Havaei preprocessing: brain mask, N4 (optional), percentile clipping, z-score, crop.
+
+The order, and why:
+1. brain mask = voxels that are non-zero in any modality (BraTS volumes are skull-stripped,
+   background is exactly 0);
+2. N4 bias correction of T1 and T1c (optional, as in the paper): the bias is multiplicative on
+   raw intensities, so it is removed before anything rescales them;
+3. clip each modality at its 1st and 99th percentile inside the mask, so that a few extreme
+   voxels (e.g. saturated scanners) do not dominate the statistics of step 4;
+4. z-score each modality inside the mask, background set to 0 (the padding value the network
+   sees outside the volume);
+5. crop to the mask's bounding box plus a margin; the CropRecord undoes it exactly.
+
+Results are cached as .npz files, written atomically; an entry stores the settings and source
+files (path, size, mtime) it came from and is rebuilt when either changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tumorseg.errors import TumorsegInputError
+from tumorseg.io import atomic_write
+
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PreprocessSettings:
+    """Settings stored with every cache entry and every trained checkpoint."""
+
+    clip_percentiles: tuple[float, float] = (1.0, 99.0)
+    n4: bool = False
+    n4_shrink: int = 4
+    n4_iterations: tuple[int, ...] = (50, 50, 30, 20)
+    margin: int = 8  # voxels kept around the brain's bounding box
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PreprocessSettings":
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise TumorsegInputError(None, f"unknown preprocessing setting(s) {sorted(unknown)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+@dataclass(frozen=True)
+class CropRecord:
+    """A crop of the last three axes: original `shape`, kept box [start, stop)."""
+
+    shape: tuple[int, int, int]
+    start: tuple[int, int, int]
+    stop: tuple[int, int, int]
+
+    @property
+    def slices(self) -> tuple[slice, slice, slice]:
+        return tuple(slice(a, b) for a, b in zip(self.start, self.stop))  # type: ignore[return-value]
+
+    def crop(self, arr: np.ndarray) -> np.ndarray:
+        """[..., X, Y, Z] -> [..., x1-x0, y1-y0, z1-z0]."""
+        return arr[(Ellipsis, *self.slices)]
+
+    def uncrop(self, arr: np.ndarray, fill: float = 0) -> np.ndarray:
+        """Inverse of `crop`: place `arr` back into an array of the original shape."""
+        out = np.full(arr.shape[:-3] + tuple(self.shape), fill, dtype=arr.dtype)
+        out[(Ellipsis, *self.slices)] = arr
+        return out
+
+
+@dataclass
+class Preprocessed:
+    """A preprocessed case, cropped to the brain.
+
+    image: (4, X, Y, Z) float32, modalities in datasets.MODALITIES order, z-scored in the brain
+    and 0 outside; mask: (X, Y, Z) bool brain; label: (X, Y, Z) uint8 canonical classes or None.
+    """
+
+    case_id: str
+    image: np.ndarray
+    mask: np.ndarray
+    label: np.ndarray | None
+    crop: CropRecord
+    spacing: tuple[float, float, float]
+    settings: PreprocessSettings
+
+
+def brain_mask(image: np.ndarray) -> np.ndarray:
+    """(C, X, Y, Z) -> (X, Y, Z) bool: non-zero in any modality."""
+    return np.any(image != 0, axis=0)
+
+
+def clip_percentiles(vol: np.ndarray, mask: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Clip voxels inside `mask` to the [lo, hi] percentiles of the values inside it."""
+    p_lo, p_hi = np.percentile(vol[mask], (lo, hi))
+    return np.where(mask, np.clip(vol, p_lo, p_hi), 0).astype(np.float32)
+
+
+def zscore(vol: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """(vol - mean) / std inside `mask` (population std), 0 outside."""
+    inside = vol[mask].astype(np.float64)
+    std = inside.std()
+    out = (vol - inside.mean()) / (std if std > 0 else 1.0)
+    return np.where(mask, out, 0).astype(np.float32)
+
+
+def n4_correct(vol: np.ndarray, mask: np.ndarray, shrink: int = 4,
+               iterations: tuple[int, ...] = (50, 50, 30, 20)) -> np.ndarray:
+    """N4 bias correction (SimpleITK): fit on an image shrunk by `shrink`, divide the original by
+    the full-resolution bias field. (X, Y, Z) float -> (X, Y, Z) float32."""
+    import SimpleITK as sitk
+
+    # SimpleITK wants (z, y, x); only the field matters here, so geometry stays unit.
+    img = sitk.GetImageFromArray(np.transpose(vol, (2, 1, 0)).astype(np.float32))
+    msk = sitk.GetImageFromArray(np.transpose(mask, (2, 1, 0)).astype(np.uint8))
+    small = sitk.Shrink(img, [shrink] * 3)
+    small_mask = sitk.Shrink(msk, [shrink] * 3)
+    n4 = sitk.N4BiasFieldCorrectionImageFilter()
+    n4.SetMaximumNumberOfIterations(list(iterations))
+    n4.Execute(small, small_mask)
+    log_field = sitk.GetArrayFromImage(n4.GetLogBiasFieldAsImage(img))
+    field = np.exp(np.transpose(log_field, (2, 1, 0)))
+    return np.where(mask, vol / field, 0).astype(np.float32)
+
+
+def bounding_box(mask: np.ndarray, margin: int) -> CropRecord:
+    """The box around `mask`'s non-zero voxels plus `margin`, clipped to the volume."""
+    if not mask.any():
+        raise ValueError("empty brain mask")
+    start, stop = [], []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        idx = np.flatnonzero(mask.any(axis=other))
+        start.append(max(int(idx[0]) - margin, 0))
+        stop.append(min(int(idx[-1]) + 1 + margin, mask.shape[axis]))
+    return CropRecord(tuple(mask.shape), tuple(start), tuple(stop))  # type: ignore[arg-type]
+
+
+N4_CHANNELS = (0, 1)  # T1 and T1c in datasets.MODALITIES order
+
+
+def preprocess_arrays(image: np.ndarray, label: np.ndarray | None, settings: PreprocessSettings,
+                      case_id: str = "", spacing=(1.0, 1.0, 1.0)) -> Preprocessed:
+    """Preprocess one case: image (4, X, Y, Z) raw, label (X, Y, Z) canonical or None."""
+    mask = brain_mask(image)
+    out = np.empty(image.shape, dtype=np.float32)
+    for c in range(image.shape[0]):
+        vol = image[c].astype(np.float32)
+        if settings.n4 and c in N4_CHANNELS:
+            vol = n4_correct(vol, mask, settings.n4_shrink, settings.n4_iterations)
+        vol = clip_percentiles(vol, mask, *settings.clip_percentiles)
+        out[c] = zscore(vol, mask)
+    crop = bounding_box(mask, settings.margin)
+    return Preprocessed(case_id, np.ascontiguousarray(crop.crop(out)),
+                        np.ascontiguousarray(crop.crop(mask)),
+                        None if label is None else np.ascontiguousarray(crop.crop(label)),
+                        crop, tuple(float(s) for s in spacing), settings)  # type: ignore[arg-type]
+
+
+def preprocess_case(loaded, settings: PreprocessSettings) -> Preprocessed:
+    """Preprocess a datasets.LoadedCase."""
+    return preprocess_arrays(loaded.image, loaded.label, settings, loaded.case.case_id, loaded.spacing)
+
+
+# -- cache -------------------------------------------------------------------------------------
+
+def _sources(case) -> list[list]:
+    files = sorted({str(p) for p in case.images.values()} | ({str(case.label)} if case.label else set()))
+    return [[f, os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in files]
+
+
+def _meta(case, settings: PreprocessSettings) -> dict:
+    return {"version": CACHE_VERSION, "case_id": case.case_id, "settings": settings.to_dict(),
+            "sources": _sources(case)}
+
+
+def cache_path(cache_dir: str | Path, case_id: str) -> Path:
+    return Path(cache_dir) / f"{case_id}.npz"
+
+
+def save_preprocessed(pre: Preprocessed, path: Path, meta: dict) -> None:
+    """Write a cache entry atomically."""
+    with atomic_write(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, image=pre.image, mask=pre.mask,
+                     label=pre.label if pre.label is not None else np.zeros(0, np.uint8),
+                     has_label=np.array(pre.label is not None),
+                     crop=np.array([pre.crop.shape, pre.crop.start, pre.crop.stop]),
+                     spacing=np.array(pre.spacing), meta=np.array(json.dumps(meta)))
+
+
+def load_preprocessed(path: str | Path) -> Preprocessed:
+    """Read a cache entry written by `save_preprocessed`."""
+    with np.load(path) as z:
+        meta = json.loads(str(z["meta"]))
+        shape, start, stop = (tuple(int(v) for v in row) for row in z["crop"])
+        return Preprocessed(meta["case_id"], z["image"], z["mask"],
+                            z["label"] if bool(z["has_label"]) else None,
+                            CropRecord(shape, start, stop), tuple(float(s) for s in z["spacing"]),
+                            PreprocessSettings.from_dict(meta["settings"]))  # type: ignore[arg-type]
+
+
+def _read_meta(path: Path) -> dict | None:
+    try:
+        with np.load(path) as z:
+            return json.loads(str(z["meta"]))
+    except Exception:  # unreadable entry: rebuild it
+        return None
+
+
+def cached_preprocess(case, settings: PreprocessSettings, cache_dir: str | Path) -> tuple[Path, bool]:
+    """Ensure a valid cache entry for `case`; returns (path, rebuilt)."""
+    from tumorseg.datasets import load_case
+
+    path = cache_path(cache_dir, case.case_id)
+    meta = _meta(case, settings)
+    if path.exists() and _read_meta(path) == meta:
+        return path, False
+    save_preprocessed(preprocess_case(load_case(case), settings), path, meta)
+    return path, True
+
+
+def _worker(args):
+    case, settings, cache_dir = args
+    try:
+        return case.case_id, cached_preprocess(case, settings, cache_dir), None
+    except TumorsegInputError as exc:
+        return case.case_id, None, str(exc)
+
+
+def preprocess_dataset(cases, settings: PreprocessSettings, cache_dir: str | Path, workers: int = 1,
+                       progress: bool = True) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Preprocess `cases` into `cache_dir` with a process pool.
+
+    Returns (cache paths of the cases that succeeded, [(case_id, one-line error)] of the rest).
+    """
+    from tqdm import tqdm
+
+    jobs = [(c, settings, cache_dir) for c in cases]
+    done, failed = [], []
+    if workers > 1:
+        pool = ProcessPoolExecutor(workers)
+        results = pool.map(_worker, jobs)
+    else:
+        pool, results = None, map(_worker, jobs)
+    try:
+        for case_id, res, err in tqdm(results, total=len(jobs), desc="preprocess", unit="case",
+                                      disable=not progress):
+            if err:
+                failed.append((case_id, err))
+            else:
+                done.append(res[0])
+    finally:
+        if pool:
+            pool.shutdown()
+    return done, failed

@@ -1,0 +1,144 @@
+"""Where training looks: tile anchors and per-pixel loss weights.
+
+A tile of T x T outputs needs an input window of (T + rf - 1)^2; T = 1 is the paper's single
+33x33 patch. Slices are zero-padded by the model's receptive-field margin (`dense_padding`), so
+every brain voxel of the cropped volume is a valid centre and patches that would leave the
+volume see zeros, exactly as whole-slice inference does.
+
+Sampling modes (paper, Sec. 3.2):
+- balanced: anchors are drawn class-first (each canonical class present in the training set
+  equally likely), and the loss is the mean over present classes of the per-class mean loss in
+  the batch: the expected loss of balanced patch sampling, for any T.
+- natural: anchors uniform over brain voxels; loss is the plain mean over brain pixels.
+- slice_weighted: natural anchors; each pixel is weighted by the inverse frequency of its class
+  within its own tile's slice window (the public Keras re-implementation's variant).
+Every output pixel outside the brain has weight 0.
+
+All randomness comes from a numpy Generator the caller seeds per step, which makes a run
+reproducible and resumable from any step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from tumorseg.labels import N_CLASSES
+from tumorseg.models import dense_padding
+
+SAMPLING_MODES = ("balanced", "natural", "slice_weighted")
+
+
+@dataclass
+class SliceData:
+    """Training volumes, padded for tile extraction.
+
+    images: per case (Z, 4, X + pad, Y + pad) float32; labels/masks: per case (Z, X, Y).
+    """
+
+    images: list[np.ndarray]
+    labels: list[np.ndarray]
+    masks: list[np.ndarray]
+    pad: tuple[int, int]
+    case_ids: list[str]
+
+
+def prepare(cases, receptive_field: int) -> SliceData:
+    """Pad preprocessed cases (preprocess.Preprocessed with labels) for tile extraction."""
+    before, after = dense_padding(receptive_field)
+    images, labels, masks, ids = [], [], [], []
+    for pre in cases:
+        img = np.transpose(pre.image, (3, 0, 1, 2))  # (Z, 4, X, Y)
+        images.append(np.ascontiguousarray(
+            np.pad(img, ((0, 0), (0, 0), (before, after), (before, after)))))
+        labels.append(np.ascontiguousarray(np.transpose(pre.label, (2, 0, 1))))
+        masks.append(np.ascontiguousarray(np.transpose(pre.mask, (2, 0, 1))))
+        ids.append(pre.case_id)
+    return SliceData(images, labels, masks, (before, after), ids)
+
+
+class Sampler:
+    """Draws tile anchors (case, z, x0, y0) and builds batches of tiles with loss weights."""
+
+    def __init__(self, data: SliceData, receptive_field: int, tile: int, mode: str):
+        if mode not in SAMPLING_MODES:
+            raise ValueError(f"sampling must be one of {SAMPLING_MODES}, got {mode!r}")
+        self.data, self.rf, self.tile, self.mode = data, receptive_field, tile, mode
+        # Flat voxel indices of each class inside the brain, per case: (Z, X, Y) order.
+        self.index = [[np.flatnonzero((lab == c) & msk).astype(np.int64) for c in range(N_CLASSES)]
+                      for lab, msk in zip(data.labels, data.masks)]
+        self.counts = np.array([[len(ix) for ix in per] for per in self.index], dtype=np.float64)
+        self.present = [c for c in range(N_CLASSES) if self.counts[:, c].sum() > 0]
+        total = self.counts.sum(0)
+        self.class_freq = total / total.sum()  # natural distribution inside the brain
+
+    def _anchor(self, rng: np.random.Generator) -> tuple[int, int, int, int]:
+        if self.mode == "balanced":
+            c = self.present[rng.integers(len(self.present))]
+            weights = self.counts[:, c]
+        else:
+            c, weights = None, self.counts.sum(1)
+        case = int(rng.choice(len(weights), p=weights / weights.sum()))
+        if c is None:
+            pool = np.concatenate(self.index[case]) if rng is None else None
+            sizes = self.counts[case]
+            k = int(rng.integers(int(sizes.sum())))
+            cls = int(np.searchsorted(np.cumsum(sizes), k, side="right"))
+            flat = self.index[case][cls][k - int(sizes[:cls].sum())]
+            del pool
+        else:
+            ix = self.index[case][c]
+            flat = ix[rng.integers(len(ix))]
+        z, x, y = np.unravel_index(flat, self.data.labels[case].shape)
+        # The anchor voxel sits at a uniformly random place inside the T x T output window.
+        _, nx, ny = self.data.labels[case].shape
+        x0 = int(np.clip(x - rng.integers(self.tile), 0, max(nx - self.tile, 0)))
+        y0 = int(np.clip(y - rng.integers(self.tile), 0, max(ny - self.tile, 0)))
+        return case, int(z), x0, y0
+
+    def anchors(self, rng: np.random.Generator, n: int) -> list[tuple[int, int, int, int]]:
+        return [self._anchor(rng) for _ in range(n)]
+
+    def targets(self, anchors) -> tuple[np.ndarray, np.ndarray]:
+        """Labels and loss weights [N, T, T] for `anchors`; weights sum to 1 over the batch.
+
+        Output pixels beyond the slice (small slices) get label 0 and weight 0.
+        """
+        t = self.tile
+        labels = np.zeros((len(anchors), t, t), np.int64)
+        valid = np.zeros((len(anchors), t, t), bool)
+        for i, (case, z, x0, y0) in enumerate(anchors):
+            lab = self.data.labels[case][z, x0:x0 + t, y0:y0 + t]
+            labels[i, :lab.shape[0], :lab.shape[1]] = lab
+            valid[i, :lab.shape[0], :lab.shape[1]] = self.data.masks[case][z, x0:x0 + t, y0:y0 + t]
+        return labels, class_weights(labels, valid, self.mode)
+
+    def images(self, anchors) -> np.ndarray:
+        """Input tiles [N, 4, T + rf - 1, T + rf - 1] (zero beyond the padded slice)."""
+        size = self.tile + self.rf - 1
+        out = np.zeros((len(anchors), 4, size, size), np.float32)
+        for i, (case, z, x0, y0) in enumerate(anchors):
+            win = self.data.images[case][z, :, x0:x0 + size, y0:y0 + size]
+            out[i, :, :win.shape[1], :win.shape[2]] = win
+        return out
+
+
+def class_weights(labels: np.ndarray, valid: np.ndarray, mode: str) -> np.ndarray:
+    """Per-pixel loss weights [N, T, T] (sum 1) reproducing `mode` (see module docstring)."""
+    w = np.zeros(labels.shape, np.float64)
+    if mode == "natural":
+        w[valid] = 1.0
+    elif mode == "balanced":
+        present = [c for c in range(N_CLASSES) if np.any(valid & (labels == c))]
+        for c in present:
+            sel = valid & (labels == c)
+            w[sel] = 1.0 / sel.sum()
+    else:  # slice_weighted: inverse class frequency inside each tile, tiles weighted equally
+        for i in range(len(labels)):
+            present = [c for c in range(N_CLASSES) if np.any(valid[i] & (labels[i] == c))]
+            for c in present:
+                sel = valid[i] & (labels[i] == c)
+                w[i][sel] = 1.0 / (sel.sum() * len(present))  # each tile sums to 1
+    total = w.sum()
+    return (w / total if total > 0 else w).astype(np.float32)

@@ -1,0 +1,466 @@
+"""Training: `train(cfg, data_root, run_dir)` is a function of a TrainConfig.
+
+Two phases (the paper's `*` models): phase 1 trains every trainable weight on balanced
+sampling; phase 2 retrains only the output layer on natural sampling. A cascade loads (or first
+trains) a TwoPathCNN as its frozen first stage, then trains its second stage the same way.
+
+Reproducibility and resume: the random draws of step s of phase p come from generators seeded
+with (seed, p, s), so a run resumed from a checkpoint takes exactly the draws an uninterrupted
+run takes; with the model and optimiser state restored, the final weights are bitwise equal.
+Under torchrun every rank draws the same global batch and trains on its share; the loss weights
+are normalised over the global batch, so gradients match a single-process run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tumorseg import checkpoint as ckpt
+from tumorseg.config import to_dict
+from tumorseg.errors import TumorsegInputError
+from tumorseg.io import atomic_write
+from tumorseg.labels import CANONICAL_REGIONS
+from tumorseg.models import Cascade, build_model
+from tumorseg.preprocess import PreprocessSettings
+from tumorseg.sampling import SAMPLING_MODES, Sampler, prepare
+
+
+@dataclass(frozen=True)
+class PhaseConfig:
+    """One training phase. An epoch is `steps_per_epoch` steps of `batch_size` tiles."""
+
+    sampling: str = "balanced"  # balanced | natural | slice_weighted
+    epochs: int = 10
+    steps_per_epoch: int = 100
+    batch_size: int = 8  # tiles per step (global, over all ranks)
+    tile: int = 1  # T: a tile yields T x T outputs; 1 = the paper's single 33x33 patches
+    output_layer_only: bool = False
+    optimizer: str = "sgd"  # sgd | adam
+    lr: float = 0.005
+    lr_decay: float = 0.1  # the learning rate falls linearly to lr * lr_decay ...
+    lr_decay_epochs: int = 10  # ... over this many epochs
+    momentum: tuple[float, float] = (0.5, 0.9)  # rises linearly ...
+    momentum_epochs: int = 10  # ... over this many epochs
+    l1: float = 0.0
+    l2: float = 0.0
+    max_norm: float = 0.0  # bound on each kernel's L2 norm; 0 = off
+    grad_clip: float = 0.0  # bound on the gradient's global L2 norm; 0 = off
+    patience: int = 0  # early stopping: epochs without validation gain; 0 = off
+
+    def __post_init__(self):
+        if self.sampling not in SAMPLING_MODES:
+            raise ValueError(f"sampling must be one of {SAMPLING_MODES}, got {self.sampling!r}")
+        if self.optimizer not in ("sgd", "adam"):
+            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
+        if self.tile < 1 or self.batch_size < 1 or self.epochs < 0 or self.steps_per_epoch < 1:
+            raise ValueError("tile, batch_size and steps_per_epoch must be >= 1, epochs >= 0")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which cases train and which validate (case ids); empty lists: split by `val_fraction`."""
+
+    train: list[str] = field(default_factory=list)
+    val: list[str] = field(default_factory=list)
+    val_fraction: float = 0.2
+    val_slices: int = 8  # axial slices per validation case for early stopping
+    cache_dir: str = ""  # preprocessing cache; default RUN_DIR/cache
+    layout: str = ""  # override layout detection
+    labels: str = ""  # override the label convention
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: str = "two_path"
+    seed: int = 0
+    model_options: dict = field(default_factory=dict)
+    first_stage: str = ""  # cascades: model file of the first TwoPathCNN; empty = train it here
+    preprocess: PreprocessSettings = PreprocessSettings()
+    data: DataConfig = DataConfig()
+    phase1: PhaseConfig = PhaseConfig(sampling="balanced")
+    phase2: PhaseConfig = PhaseConfig(sampling="natural", output_layer_only=True, epochs=2)
+    checkpoint_every: int = 50  # steps
+    threads: int = 0  # torch CPU threads; 0 = torch's default
+    workers: int = 1  # preprocessing processes
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM arrived; a checkpoint was saved."""
+
+
+# -- distributed -------------------------------------------------------------------------------
+
+def _dist_setup(device: str) -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if world > 1:
+        return torch.distributed.get_rank(), world
+    return 0, 1
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+def _step_seed(seed: int, phase: int, step: int) -> list[int]:
+    return [seed, phase, step]
+
+
+def _schedule(p: PhaseConfig, epoch: int) -> tuple[float, float]:
+    """(learning rate, momentum) of `epoch` (0-based)."""
+    t_lr = min(epoch / p.lr_decay_epochs, 1.0) if p.lr_decay_epochs > 0 else 1.0
+    t_m = min(epoch / p.momentum_epochs, 1.0) if p.momentum_epochs > 0 else 1.0
+    lr = p.lr * (1.0 - (1.0 - p.lr_decay) * t_lr)
+    return lr, p.momentum[0] + (p.momentum[1] - p.momentum[0]) * t_m
+
+
+def _kernels(params) -> list[torch.Tensor]:
+    return [p for p in params if p.dim() == 4]
+
+
+def _split(cfg: DataConfig, ids: list[str], seed: int) -> tuple[list[str], list[str]]:
+    known = set(ids)
+    for name in list(cfg.train) + list(cfg.val):
+        if name not in known:
+            raise TumorsegInputError(None, f"data: case {name!r} is not in the dataset")
+    both = sorted(set(cfg.train) & set(cfg.val))
+    if both:
+        raise TumorsegInputError(None, f"data: cases {both} are in both train and val")
+    if cfg.train:
+        return list(cfg.train), list(cfg.val)
+    rest = [i for i in ids if i not in set(cfg.val)]
+    if cfg.val:
+        return rest, list(cfg.val)
+    order = list(np.random.default_rng(seed).permutation(len(ids)))
+    n_val = int(round(len(ids) * cfg.val_fraction))
+    val = sorted(ids[i] for i in order[:n_val])
+    return [i for i in ids if i not in set(val)], val
+
+
+def validation_slices(mask: np.ndarray, n: int) -> list[int]:
+    """`n` axial slices evenly spaced over the slices that contain brain (mask (X, Y, Z))."""
+    zs = np.flatnonzero(mask.any(axis=(0, 1)))
+    if len(zs) <= n:
+        return [int(z) for z in zs]
+    return [int(zs[i]) for i in np.linspace(0, len(zs) - 1, n).round().astype(int)]
+
+
+def validate(model, cases, n_slices: int, device) -> dict[str, float]:
+    """Mean Dice per region over `cases` (Preprocessed), on `n_slices` slices each, computed with
+    the whole-slice inference path."""
+    from tumorseg.infer import predict_volume
+    from tumorseg.metrics import dice
+
+    scores = {r: [] for r in CANONICAL_REGIONS}
+    for pre in cases:
+        zs = validation_slices(pre.mask, n_slices)
+        pred = predict_volume(model, pre.image, zs, device=device).argmax(0)
+        ref = pre.label[..., zs]
+        for region, classes in CANONICAL_REGIONS.items():
+            scores[region].append(dice(np.isin(pred, classes), np.isin(ref, classes)))
+    return {r: float(np.mean(v)) for r, v in scores.items()}
+
+
+# -- the training function ---------------------------------------------------------------------
+
+def train(cfg: TrainConfig, data_root: str | Path, run_dir: str | Path, resume: bool = False,
+          device: str = "auto", progress: bool = True, log=print) -> dict:
+    """Train `cfg.model` on the cases under `data_root`; write everything to `run_dir`.
+
+    Writes config.json, metrics.jsonl, checkpoint.pt (atomic, every `checkpoint_every` steps and
+    at each phase end), model.pt (final weights + preprocessing + convention) and summary.json.
+    Returns the summary.
+    """
+    from tumorseg.datasets import find_cases
+    from tumorseg.preprocess import cached_preprocess, load_preprocessed
+
+    t0 = time.time()
+    run_dir = Path(run_dir)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    rank, world = _dist_setup(device)
+    if device.startswith("cuda") and world > 1:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    main_rank = rank == 0
+    resolved = to_dict(cfg)
+    ckpt_path, config_path = run_dir / "checkpoint.pt", run_dir / "config.json"
+    if main_rank:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if resume and config_path.exists():
+            if json.loads(config_path.read_text()) != json.loads(json.dumps(resolved)):
+                raise TumorsegInputError(config_path, "--resume with a different config than the run's")
+        elif not resume and ckpt_path.exists():
+            raise TumorsegInputError(ckpt_path, "run folder holds a checkpoint: pass --resume or "
+                                                "choose a new --out")
+        with atomic_write(config_path) as tmp:
+            tmp.write_text(json.dumps(resolved, indent=2))
+
+    # Cascades: the first stage is a trained TwoPathCNN, loaded or trained here first.
+    first_path = cfg.first_stage
+    if cfg.model.endswith("cascade") and not first_path:
+        first_cfg = dataclasses.replace(cfg, model="two_path")
+        first_dir = run_dir / "first_stage"
+        train(first_cfg, data_root, first_dir, resume=resume and (first_dir / "checkpoint.pt").exists()
+              or (first_dir / "summary.json").exists(), device=device, progress=progress, log=log)
+        first_path = str(first_dir / "model.pt")
+
+    # Data: find, split, preprocess (cached), load.
+    cases = find_cases(data_root, layout=cfg.data.layout or None, labels=cfg.data.labels or None)
+    by_id = {c.case_id: c for c in cases}
+    train_ids, val_ids = _split(cfg.data, sorted(by_id), cfg.seed)
+    unlabelled = [i for i in train_ids + val_ids if by_id[i].label is None]
+    if unlabelled:
+        raise TumorsegInputError(data_root, f"cases without a label map cannot train: {unlabelled}")
+    conventions = {by_id[i].convention for i in train_ids}
+    cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else run_dir / "cache"
+    if main_rank:
+        for cid in train_ids + val_ids:
+            cached_preprocess(by_id[cid], cfg.preprocess, cache_dir)
+    if world > 1:
+        torch.distributed.barrier()
+    from tumorseg.preprocess import cache_path
+    train_cases = [load_preprocessed(cache_path(cache_dir, i)) for i in train_ids]
+    val_cases = [load_preprocessed(cache_path(cache_dir, i)) for i in val_ids]
+    log(f"train: {len(train_cases)} cases, validation: {len(val_cases)} cases ({', '.join(val_ids)})")
+
+    # Model.
+    torch.manual_seed(cfg.seed)
+    options = dict(cfg.model_options)
+    if cfg.model.endswith("cascade"):
+        first, first_meta = ckpt.load_model(first_path)
+        model = build_model(cfg.model, **options)
+        model.first = first
+        model.first.requires_grad_(False)
+    else:
+        model = build_model(cfg.model, **options)
+    rf = model.receptive_field
+    data = prepare(train_cases, rf)
+    probe = Sampler(data, rf, 1, "natural")
+    if options.get("init", "paper") == "paper" and "class_freq" not in options:
+        head = model.output_layer()
+        with torch.no_grad():  # the paper's softmax biases: log of the class frequencies
+            head.bias.copy_(torch.log(torch.tensor(np.maximum(probe.class_freq, 1e-4), dtype=torch.float32)))
+    model.to(device)
+    meta = ckpt.describe(model, cfg.model, options)
+    meta.update(preprocess=cfg.preprocess.to_dict(), convention=sorted(conventions)[0],
+                train_cases=train_ids, val_cases=val_ids, seed=cfg.seed)
+    if cfg.model.endswith("cascade"):
+        meta["first_stage"] = str(first_path)
+
+    state = {"phase": 0, "epoch": 0, "step": 0, "best": -1.0, "best_state": None, "bad_epochs": 0,
+             "done": False, "phase_log": []}
+    if resume and ckpt_path.exists():
+        saved = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(saved["state_dict"])
+        state.update({k: saved[k] for k in state})
+        log(f"resumed from {ckpt_path}: phase {state['phase'] + 1}, epoch {state['epoch']}, "
+            f"step {state['step']}")
+        if main_rank:
+            _truncate_metrics(run_dir / "metrics.jsonl", state["phase"], state["step"])
+    else:
+        saved = None
+
+    stop = {"signal": None}
+
+    def on_signal(signum, _frame):
+        stop["signal"] = signum
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} \
+        if threading_main() else {}
+    try:
+        phases = [cfg.phase1, cfg.phase2]
+        while state["phase"] < len(phases) and not state["done"]:
+            p_idx = state["phase"]
+            p = phases[p_idx]
+            if p.epochs > 0:
+                _run_phase(cfg, p, p_idx, model, data, val_cases, state, saved, meta, run_dir,
+                           device, rank, world, progress, stop, log)
+            saved = None
+            if p_idx + 1 < len(phases):
+                state.update(phase=p_idx + 1, epoch=0, step=0, best=-1.0, best_state=None, bad_epochs=0)
+            else:
+                state["done"] = True
+            if main_rank:
+                _save_checkpoint(ckpt_path, model, None, state, meta)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+    final = validate(model, val_cases, cfg.data.val_slices, device) if val_cases else {}
+    summary = {"model": cfg.model, "run_dir": str(run_dir), "train_cases": train_ids,
+               "val_cases": val_ids, "phases": state["phase_log"], "val_dice": final,
+               "seconds": round(time.time() - t0, 1), "model_file": str(run_dir / "model.pt")}
+    if world > 1:  # every rank must end with the same weights; record each rank's digest
+        digests: list = [None] * world
+        torch.distributed.all_gather_object(digests, state_digest(model.state_dict()))
+        summary["rank_state_sha256"] = digests
+    if main_rank:
+        ckpt.save(run_dir / "model.pt", {**meta, "state_dict": model.state_dict(), "summary": summary})
+        with atomic_write(run_dir / "summary.json") as tmp:
+            tmp.write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def state_digest(state_dict: dict) -> str:
+    """sha256 of a state dict's tensors (names, dtypes, shapes and bytes), in key order."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _truncate_metrics(path: Path, phase: int, step: int) -> None:
+    """Drop log lines written after the checkpoint a resumed run restarts from."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        if (row["phase"] - 1, row["step"]) < (phase, step) or (row["phase"] - 1) < phase:
+            keep.append(line)
+    with atomic_write(path) as tmp:
+        tmp.write_text("".join(k + "\n" for k in keep))
+
+
+def _save_checkpoint(path, model, optimizer, state, meta) -> None:
+    payload = {**meta, "state_dict": model.state_dict(), **state}
+    payload["optimizer"] = optimizer.state_dict() if optimizer is not None else None
+    ckpt.save(path, payload)
+
+
+def _run_phase(cfg, p: PhaseConfig, p_idx, model, data, val_cases, state, saved, meta, run_dir,
+               device, rank, world, progress, stop, log) -> None:
+    from tqdm import tqdm
+
+    main_rank = rank == 0
+    head = model.output_layer()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    trainable_module = head if p.output_layer_only else (model.second if isinstance(model, Cascade) else model)
+    trainable_module.requires_grad_(True)
+    params = [q for q in model.parameters() if q.requires_grad]
+    lr, mom = _schedule(p, state["epoch"])
+    opt = torch.optim.SGD(params, lr=lr, momentum=mom) if p.optimizer == "sgd" \
+        else torch.optim.Adam(params, lr=lr)
+    if saved is not None and saved.get("optimizer") is not None:
+        opt.load_state_dict(saved["optimizer"])
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model)
+    sampler = Sampler(data, model.receptive_field, p.tile, p.sampling)
+    ckpt_path = run_dir / "checkpoint.pt"
+    metrics_path = run_dir / "metrics.jsonl"
+    rf_outputs = p.tile * p.tile
+    phase_start = time.time()
+    interactive = progress and sys.stderr.isatty()
+
+    while state["epoch"] < p.epochs:
+        epoch = state["epoch"]
+        lr, mom = _schedule(p, epoch)
+        for group in opt.param_groups:
+            group["lr"] = lr
+            if p.optimizer == "sgd":
+                group["momentum"] = mom
+        model.train()
+        if p.output_layer_only:  # frozen layers keep their batch-norm statistics
+            for m in model.modules():
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        bar = tqdm(total=p.steps_per_epoch, initial=state["step"] % p.steps_per_epoch,
+                   desc=f"phase {p_idx + 1} epoch {epoch + 1}/{p.epochs}", unit="step",
+                   disable=not (interactive and main_rank), leave=False)
+        t_epoch, n_seen = time.time(), 0
+        while state["step"] < (epoch + 1) * p.steps_per_epoch:
+            step = state["step"]
+            rng = np.random.default_rng(_step_seed(cfg.seed, p_idx, step))
+            torch.manual_seed(int(np.random.SeedSequence(_step_seed(cfg.seed, p_idx, step)).generate_state(1)[0]))
+            anchors = sampler.anchors(rng, p.batch_size)
+            labels, weights = sampler.targets(anchors)
+            mine = list(range(rank, p.batch_size, world))
+            x = torch.from_numpy(sampler.images([anchors[i] for i in mine])).to(device)
+            y = torch.from_numpy(labels[mine]).to(device)
+            w = torch.from_numpy(weights[mine]).to(device)
+            logits = net(x)  # [n, 5, T, T]
+            loss = (F.cross_entropy(logits, y, reduction="none") * w).sum() * world
+            if p.l1 or p.l2:
+                kernels = _kernels(params)
+                loss = loss + p.l1 * sum(k.abs().sum() for k in kernels) \
+                    + p.l2 * sum((k * k).sum() for k in kernels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if p.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, p.grad_clip)
+            opt.step()
+            if p.max_norm > 0:
+                with torch.no_grad():
+                    for k in _kernels(params):
+                        k.copy_(torch.renorm(k, 2, 0, p.max_norm))
+            state["step"] = step + 1
+            n_seen += len(anchors) * rf_outputs
+            loss_value = float(loss.detach()) / world
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}", patches_s=f"{n_seen / (time.time() - t_epoch):.0f}")
+            if main_rank and (state["step"] % 10 == 0 or state["step"] == 1):
+                _append(metrics_path, {"phase": p_idx + 1, "epoch": epoch + 1, "step": state["step"],
+                                       "loss": loss_value, "lr": lr, "momentum": mom})
+            if stop["signal"] is not None:
+                if main_rank:
+                    _save_checkpoint(ckpt_path, model, opt, state, meta)
+                raise Interrupted(f"signal {stop['signal']}: checkpoint saved to {ckpt_path}; "
+                                  f"continue with --resume")
+            if main_rank and cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
+                _save_checkpoint(ckpt_path, model, opt, state, meta)
+        bar.close()
+        state["epoch"] = epoch + 1
+        row = {"phase": p_idx + 1, "epoch": epoch + 1, "step": state["step"], "loss": loss_value,
+               "lr": lr, "patches_per_s": round(n_seen / max(time.time() - t_epoch, 1e-9), 1)}
+        if val_cases:
+            scores = validate(model, val_cases, cfg.data.val_slices, device)
+            row.update({f"val_dice_{r}": v for r, v in scores.items()})
+            if scores["whole"] > state["best"]:
+                state["best"], state["bad_epochs"] = scores["whole"], 0
+                state["best_state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            else:
+                state["bad_epochs"] += 1
+        if main_rank:
+            _append(metrics_path, row)
+            log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        if p.patience and state["bad_epochs"] >= p.patience:
+            log(f"phase {p_idx + 1}: early stop after epoch {epoch + 1} (no gain for {p.patience} epochs)")
+            break
+        if main_rank:
+            _save_checkpoint(ckpt_path, model, opt, state, meta)
+    if state["best_state"] is not None:
+        model.load_state_dict(state["best_state"])  # early stopping keeps the best epoch's weights
+    state["phase_log"].append({"phase": p_idx + 1, "sampling": p.sampling, "epochs": state["epoch"],
+                               "steps": state["step"], "best_val_dice_whole": state["best"],
+                               "seconds": round(time.time() - phase_start, 1)})
+
+
+def _append(path: Path, row: dict) -> None:
+    with open(path, "a") as fh:
+        fh.write(json.dumps(row) + "\n")
+        fh.flush()
