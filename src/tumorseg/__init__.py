@@ -1,1 +1,11 @@
-"""tumorseg."""
+"""tumorseg: brain tumour segmentation in multimodal MRI, after Havaei et al. (2017).
+
+Arrays are indexed (x, y, z) as nibabel returns them; multimodal images are (4, x, y, z) with
+channels in `MODALITIES` order (T1, T1c, T2, FLAIR). See docs/ARCHITECTURE.md for the data flow.
+"""
+
+from tumorseg.datasets import MODALITIES, Case, find_cases, load_case
+from tumorseg.errors import TumorsegInputError
+
+__version__ = "0.1.0"
+__all__ = ["MODALITIES", "Case", "TumorsegInputError", "find_cases", "load_case", "__version__"]

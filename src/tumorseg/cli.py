@@ -121,8 +121,6 @@ def cmd_segment(args) -> int:
         part_id=args.part_id, postprocess=post, probabilities=args.probabilities,
         overlay=args.overlay, output_format=args.output_format, batch_size=args.batch_size,
         device=args.device, progress=_progress(args), log=print)
-    for r in results:
-        print(f"{r['case_id']}: {r['labels']} ({r['seconds']:.1f} s)")
     if args.part_id == 0:  # cases find_cases rejected belong to no part: part 0 reports them
         failures = [(str(cid), str(err)) for cid, err in errors] + failures
     if single and failures:
@@ -282,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "%(default)s)")
     p.add_argument("--output-format", choices=["nii.gz", "mha"],
                    help="label map format (default: as the input, .mha in -> .mha out)")
-    p.add_argument("--batch-size", type=_positive_int, default=8, metavar="N",
+    p.add_argument("--batch-size", type=_positive_int, default=4, metavar="N",  # infer.BATCH_SIZE
                    help="axial slices per forward pass; bounds memory (default %(default)s)")
     p.add_argument("--no-progress", action="store_true")
     _common_data(p, auto=True)

@@ -6,9 +6,11 @@ models.dense_logits and tests/test_models.py). `predict_labels` is the memory-le
 segmentation uses: it keeps only the argmax (uint8) and, on request, float16 probabilities, and
 skips slices without brain. Post-processing lives in `tumorseg.postprocess`.
 
-Memory: one batch of `batch_size` slices goes through the network at a time; the activations of
-that batch (a few hundred MB for 8 BraTS-sized slices) dominate the peak, so `batch_size` bounds
-it. See benchmarks/segment_case.py for the measured peak RSS.
+Memory: one batch of `batch_size` slices goes through the network at a time, and the activations
+of that batch dominate the peak: about 250 MB per slice for input_cascade on a whole 240 x 240
+BraTS slice (padded to 304 x 304), 200 MB for two_path. The default BATCH_SIZE = 4 keeps a
+segmentation of a 240 x 240 x 155 case under 2 GB RSS even when the brain fills the slice; see
+benchmarks/segment_case.py for the measured peak.
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ from tumorseg.labels import N_CLASSES
 from tumorseg.models import dense_logits
 
 DEVICES = ("auto", "cpu", "cuda")
+BATCH_SIZE = 4  # axial slices per forward pass in segmentation: bounds peak memory
 
 
 def resolve_device(name: str) -> str:
     """'auto' -> 'cuda' if available else 'cpu'; 'cuda' without CUDA is an input error."""
     if name not in DEVICES and not name.startswith("cuda:"):
-        raise TumorsegInputError("--device", f"unknown device {name!r}; valid: {', '.join(DEVICES)}")
+        raise TumorsegInputError("--device",
+                                 f"unknown device {name!r}; valid: {', '.join(DEVICES)}")
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -74,7 +78,7 @@ def predict_volume(model: torch.nn.Module, image: np.ndarray, slices: Sequence[i
 
 
 def predict_labels(model: torch.nn.Module, image: np.ndarray, mask: np.ndarray | None = None,
-                   batch_size: int = 8, device: str | torch.device = "cpu",
+                   batch_size: int = BATCH_SIZE, device: str | torch.device = "cpu",
                    probabilities: bool = False, progress: bool = False, desc: str = "slices"
                    ) -> tuple[np.ndarray, np.ndarray | None]:
     """Argmax labels (and optionally probabilities) of a preprocessed volume.

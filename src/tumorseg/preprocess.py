@@ -178,8 +178,9 @@ def _sources(case) -> list[list]:
 
 
 def _meta(case, settings: PreprocessSettings) -> dict:
-    return {"version": CACHE_VERSION, "case_id": case.case_id, "settings": settings.to_dict(),
+    meta = {"version": CACHE_VERSION, "case_id": case.case_id, "settings": settings.to_dict(),
             "sources": _sources(case)}
+    return json.loads(json.dumps(meta))  # the form it takes on disk (tuples become lists)
 
 
 def cache_path(cache_dir: str | Path, case_id: str) -> Path:

@@ -1,0 +1,93 @@
+"""Post-processing of a predicted label map in canonical classes (see tumorseg.labels).
+
+Two rules, applied in this order. Havaei et al. (2017) clean their predictions with connected
+components but give no threshold and no enhancing-tumour rule; both rules below are common
+BraTS practice, and their thresholds are parameters:
+
+1. Small whole-tumour components are removed. The whole-tumour mask (classes 1-4) is split into
+   3-D connected components with 26-connectivity (cc3d); every component with fewer than
+   `min_component_voxels` voxels is set to 0 (other). With `keep_largest` (the default) the
+   largest component is always kept, even below the threshold.
+   Why: the CNN labels each voxel independently from an axial window, so its commonest error is
+   small clusters of false positives scattered through healthy tissue (Pereira et al. 2016
+   remove clusters below a volume threshold for the same reason). Every BraTS case holds a
+   tumour, and an empty prediction scores Dice 0 and HD95 373 mm on every region, hence
+   `keep_largest`.
+   Default 3000 voxels, i.e. 3 cm^3 on BraTS's 1 mm grid (a sphere of radius 9 mm): far below a
+   glioma with its oedema, above most false-positive clusters. It is a starting point, to be
+   tuned on validation data (docs/PERFORMANCE.md records the value chosen and how).
+
+2. Enhancing-tumour consistency. If, after rule 1, the prediction holds fewer than
+   `min_enhancing_voxels` enhancing voxels (class 4) in total, all of them become necrosis
+   (class 1).
+   Why: many lower-grade gliomas have no enhancing tumour; BraTS then scores the enhancing
+   region Dice 1 for an empty prediction and 0 for any non-empty one, so a few spurious
+   enhancing voxels cost a whole Dice point (Isensee et al., BraTS 2018 "No New-Net", tune such
+   a threshold on training data). Necrosis and enhancing tumour both belong to the tumour core
+   and the whole tumour, so the rule changes only the enhancing region: core and whole are
+   untouched. Default 500 voxels (0.5 cm^3), again to be tuned on validation data.
+
+Thresholds count voxels (= mm^3 at BraTS's 1 mm isotropic spacing). `enabled=False` returns the
+prediction unchanged (the CLI's `--no-postprocess`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from tumorseg.labels import CANONICAL_REGIONS
+
+NECROSIS, ENHANCING = 1, 4
+
+
+@dataclass(frozen=True)
+class PostprocessConfig:
+    """Post-processing settings; see the module docstring for the rules and their defaults."""
+
+    enabled: bool = True
+    min_component_voxels: int = 3000  # rule 1; 0 keeps every component
+    keep_largest: bool = True  # rule 1 never removes the largest component
+    min_enhancing_voxels: int = 500  # rule 2; 0 turns it off
+
+    def __post_init__(self) -> None:
+        for name in ("min_component_voxels", "min_enhancing_voxels"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+
+
+def remove_small_components(mask: np.ndarray, min_voxels: int, keep_largest: bool = True
+                            ) -> np.ndarray:
+    """(X, Y, Z) bool -> bool: drop 26-connected components with fewer than `min_voxels` voxels
+    (the largest one stays if `keep_largest`)."""
+    import cc3d
+
+    mask = np.asarray(mask, dtype=bool)
+    if min_voxels <= 0 or not mask.any():
+        return mask.copy()
+    components, n = cc3d.connected_components(mask.astype(np.uint8), connectivity=26,
+                                              return_N=True)
+    sizes = np.bincount(components.ravel(), minlength=n + 1)
+    sizes[0] = 0  # background
+    keep = sizes >= min_voxels
+    if keep_largest:
+        keep[int(np.argmax(sizes))] = True  # the lowest label on ties: deterministic
+    keep[0] = False
+    return keep[components]
+
+
+def postprocess(pred: np.ndarray, cfg: PostprocessConfig = PostprocessConfig()) -> np.ndarray:
+    """Apply rules 1 and 2 (module docstring) to (X, Y, Z) canonical classes; returns a new
+    (X, Y, Z) uint8 array."""
+    out = np.array(pred, dtype=np.uint8, copy=True)
+    if not cfg.enabled:
+        return out
+    whole = np.isin(out, CANONICAL_REGIONS["whole"])
+    kept = remove_small_components(whole, cfg.min_component_voxels, cfg.keep_largest)
+    out[whole & ~kept] = 0
+    enhancing = out == ENHANCING
+    if 0 < np.count_nonzero(enhancing) < cfg.min_enhancing_voxels:
+        out[enhancing] = NECROSIS
+    return out

@@ -1,0 +1,275 @@
+"""Segmenting cases: from the files of a case to a label map in the input's own space.
+
+`segment_case` runs one case through the whole pipeline with a loaded model:
+
+    datasets.load_case -> preprocess.preprocess_case (the settings stored in the model file)
+    -> infer.predict_labels (dense whole-slice inference on axial slices, in bounded batches;
+       zero padding by the receptive field; a cascade runs its first CNN densely too)
+    -> voxels outside the brain set to 0 -> postprocess.postprocess -> CropRecord.uncrop
+    -> labels.get_convention(output convention).decode -> io.write_volume (input's header)
+
+`segment_cases` runs a batch: resolves the model once, splits the cases between processes
+(`num_parts` / `part_id`, nnU-Net style), skips finished cases (`continue_`), reports a bad case
+and goes on with the rest, and writes the ITK-SNAP / Slicer colour tables once per folder.
+
+Outputs of a case in `out_dir`:
+
+    <case_id>.nii.gz                 uint8 labels in the output convention, same shape, affine
+                                     and header as the input's first modality (T1; the 4-D image
+                                     for MSD); <case_id>.mha for .mha input or output_format="mha"
+    <case_id>_probabilities.nii.gz   with probabilities=True: (x, y, z, 5) softmax of the
+                                     canonical classes (0 other, 1 necrosis, 2 oedema,
+                                     3 non-enhancing, 4 enhancing), before post-processing;
+                                     (1, 0, 0, 0, 0) outside the brain. Values are rounded to
+                                     float16 but stored as float32: NIfTI-1 has no float16 type
+    <case_id>.png                    with overlay=True: report.overlay_png of the slice with the
+                                     most tumour (prediction beside the ground truth if known)
+
+Crash safety: every file is written under a hidden temporary name and renamed into place
+(io.atomic_write), and the label map is written last. So a file under a final name is always
+complete, and an existing label map (with the other requested outputs) means the case is done:
+`continue_` skips exactly those cases. Temporary files a killed run left behind are removed when
+their case is segmented again.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from tumorseg import io, report
+from tumorseg.datasets import Case, load_case
+from tumorseg.errors import TumorsegInputError
+from tumorseg.infer import BATCH_SIZE, predict_labels, resolve_device
+from tumorseg.labels import CLASS_NAMES, get_convention
+from tumorseg import postprocess as pp
+from tumorseg.postprocess import PostprocessConfig
+from tumorseg.preprocess import PreprocessSettings, preprocess_case
+
+OUTPUT_FORMATS = ("nii.gz", "mha")
+PROBABILITIES_SUFFIX = "_probabilities.nii.gz"
+
+def output_format_of(case: Case, output_format: str | None = None) -> str:
+    """'nii.gz' or 'mha': `output_format` if given, else 'mha' for .mha/.mhd input."""
+    if output_format is not None:
+        if output_format not in OUTPUT_FORMATS:
+            raise TumorsegInputError("--output-format", f"unknown output format "
+                                     f"{output_format!r}; valid: {', '.join(OUTPUT_FORMATS)}")
+        return output_format
+    first = next(iter(case.images.values()))
+    return "mha" if io.volume_suffix(first) in io.MHA_SUFFIXES else "nii.gz"
+
+
+def output_paths(case: Case, out_dir: str | Path, output_format: str | None = None,
+                 probabilities: bool = False, overlay: bool = False) -> dict[str, Path]:
+    """The files `segment_case` writes for `case`: {"labels", ["probabilities"], ["overlay"]}."""
+    out_dir = Path(out_dir)
+    paths = {"labels": out_dir / f"{case.case_id}.{output_format_of(case, output_format)}"}
+    if probabilities:
+        paths["probabilities"] = out_dir / f"{case.case_id}{PROBABILITIES_SUFFIX}"
+    if overlay:
+        paths["overlay"] = out_dir / f"{case.case_id}.png"
+    return paths
+
+
+def is_complete(case: Case, out_dir: str | Path, **outputs) -> bool:
+    """True if every output `segment_case` would write for `case` exists (label map last)."""
+    return all(p.is_file() for p in output_paths(case, out_dir, **outputs).values())
+
+
+def _remove_stale_temporaries(paths: dict[str, Path]) -> None:
+    """Delete temporary files that a killed run left for these outputs (io.atomic_write names
+    them '.<final name>.<random>.tmp<suffix>')."""
+    for path in paths.values():
+        for tmp in path.parent.glob(f".{path.name}.*.tmp*"):
+            tmp.unlink(missing_ok=True)
+
+
+def segment_case(
+    model: torch.nn.Module,
+    meta: dict,
+    case: Case,
+    out_dir: str | Path,
+    *,
+    convention: str | None = None,
+    postprocess: PostprocessConfig = PostprocessConfig(),
+    probabilities: bool = False,
+    overlay: bool = False,
+    output_format: str | None = None,
+    batch_size: int = BATCH_SIZE,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> dict:
+    """Segment one case and write its outputs (see the module docstring) into `out_dir`.
+
+    model, meta: as tumorseg.checkpoint.load_model returns them; meta["preprocess"] holds the
+        preprocessing settings the model was trained with.
+    convention: label convention of the output file; None = the case's own.
+    Returns {"case_id", "labels", "probabilities", "overlay" (paths as str, or None),
+    "convention", "seconds", "voxels" ({canonical class name: count} over the whole output volume),
+    "postprocess_changed" (voxels post-processing changed)}.
+    Raises TumorsegInputError for a bad case (one line, naming the file).
+    """
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    conv = get_convention(convention or case.convention)
+    paths = output_paths(case, out_dir, output_format, probabilities, overlay)
+    if "preprocess" not in meta:
+        raise TumorsegInputError(meta.get("path"), "the model file holds no preprocessing "
+                                 "settings: was it written by tumorseg train?")
+    settings = PreprocessSettings.from_dict(meta["preprocess"])
+
+    loaded = load_case(case)
+    pre = preprocess_case(loaded, settings)
+    loaded.image = None  # the raw (4, x, y, z) float32 image is not needed now: ~140 MB on BraTS
+    labels, probs = predict_labels(model, pre.image, pre.mask, batch_size=batch_size,
+                                   device=device, probabilities=probabilities, progress=progress,
+                                   desc=case.case_id)
+    labels[~pre.mask] = 0
+    final = pp.postprocess(labels, postprocess)
+    changed = int(np.count_nonzero(final != labels))
+    del labels
+
+    _remove_stale_temporaries(paths)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    reference = loaded.reference
+    if probs is not None:
+        probs[~pre.mask] = (1, 0, 0, 0, 0)
+        full = np.zeros(reference.shape3 + (probs.shape[-1],), np.float32)
+        full[..., 0] = 1.0
+        full[pre.crop.slices] = probs
+        del probs
+        io.write_volume(paths["probabilities"], full, reference)
+        del full
+    if overlay:
+        report.overlay_png(paths["overlay"], pre.image, final, case.case_id,
+                           reference=pre.label, affine=reference.affine,
+                           title=f"model {meta.get('released') or meta.get('model', '?')}")
+    canonical = pre.crop.uncrop(final, fill=0)
+    counts = np.bincount(canonical.ravel(), minlength=len(CLASS_NAMES))
+    out = conv.decode(canonical)
+    io.write_volume(paths["labels"], out, reference)  # last: its existence marks the case done
+    return {
+        "case_id": case.case_id,
+        "labels": str(paths["labels"]),
+        "probabilities": str(paths["probabilities"]) if probabilities else None,
+        "overlay": str(paths["overlay"]) if overlay else None,
+        "convention": conv.name,
+        "seconds": round(time.perf_counter() - t0, 3),
+        "voxels": {name: int(n) for name, n in zip(CLASS_NAMES, counts)},
+        "postprocess_changed": changed,
+    }
+
+
+def _load(model_spec, device: str) -> tuple[torch.nn.Module, dict]:
+    if isinstance(model_spec, tuple):
+        model, meta = model_spec
+        return model.to(device).eval(), meta
+    from tumorseg import weights
+
+    return weights.resolve_model(model_spec, device=device)
+
+
+def select_part(cases: Sequence[Case], num_parts: int = 1, part_id: int = 0) -> list[Case]:
+    """The cases of part `part_id` of `num_parts`: every num_parts-th case by sorted case id,
+    starting at part_id (nnU-Net's split), so parts are disjoint and together cover all."""
+    if num_parts < 1:
+        raise TumorsegInputError("--num-parts", f"must be >= 1, got {num_parts}")
+    if not 0 <= part_id < num_parts:
+        raise TumorsegInputError("--part-id", f"must be in 0..{num_parts - 1}, got {part_id}")
+    return sorted(cases, key=lambda c: c.case_id)[part_id::num_parts]
+
+
+def segment_cases(
+    model_spec,
+    cases: Sequence[Case],
+    out_dir: str | Path,
+    *,
+    continue_: bool = False,
+    num_parts: int = 1,
+    part_id: int = 0,
+    convention: str | None = None,
+    postprocess: PostprocessConfig = PostprocessConfig(),
+    probabilities: bool = False,
+    overlay: bool = False,
+    output_format: str | None = None,
+    batch_size: int = BATCH_SIZE,
+    device: str = "cpu",
+    progress: bool = False,
+    log=None,
+) -> tuple[list[dict], list[tuple[str, str]]]:
+    """Segment a batch of cases into `out_dir`.
+
+    model_spec: `--model` (a released name, a model file path, or None for the default; see
+        tumorseg.weights.resolve_model) or a (model, meta) pair already loaded.
+    cases: all cases; this process takes `select_part(cases, num_parts, part_id)`.
+    continue_: skip cases whose outputs are complete (`is_complete`).
+    log: optional callable(str) told about each case done or skipped by `continue_`.
+    Returns (results of the cases segmented now, [(case_id, one-line reason)] of the cases that
+    failed with bad input). Other errors propagate.
+    """
+    from tqdm import tqdm
+
+    if batch_size < 1:
+        raise TumorsegInputError("--batch-size", f"must be >= 1, got {batch_size}")
+    mine = select_part(cases, num_parts, part_id)
+    outputs = {"output_format": output_format, "probabilities": probabilities,
+               "overlay": overlay}
+    for case in mine:  # validates the format and conventions before any work
+        output_paths(case, out_dir, **outputs)
+        get_convention(convention or case.convention)
+    device = resolve_device(device)
+    model, meta = _load(model_spec, device)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in sorted({convention or c.convention for c in mine}):
+        report.write_colour_tables(out_dir, name)
+
+    results: list[dict] = []
+    failures: list[tuple[str, str]] = []
+    bar = tqdm(mine, desc="cases", unit="case", disable=not progress)
+    for case in bar:
+        if continue_ and is_complete(case, out_dir, **outputs):
+            if log:
+                log(f"case {case.case_id}: output exists, skipped (--continue)")
+            continue
+        try:
+            result = segment_case(
+                model, meta, case, out_dir, convention=convention,
+                postprocess=postprocess, probabilities=probabilities, overlay=overlay,
+                output_format=output_format, batch_size=batch_size, device=device,
+                progress=progress)
+        except TumorsegInputError as exc:
+            failures.append((case.case_id, str(exc)))
+            continue
+        results.append(result)
+        if log:
+            log(f"case {case.case_id}: {result['labels']} ({result['seconds']:.1f} s)")
+    bar.close()
+    return results, failures
+
+
+def files_case(t1: str | Path, t1c: str | Path, t2: str | Path, flair: str | Path,
+               convention: str | None = None, case_id: str | None = None) -> Case:
+    """A Case from four explicit 3-D files (layout "files"; convention default brats2017).
+
+    The case id is the part of the file names the four share, cut at a '_', '-' or '.' (e.g.
+    Brats18_2013_11_1 for Brats18_2013_11_1_{t1,t1ce,t2,flair}.nii.gz), else the T1 file name.
+    """
+    import os
+
+    images = {"t1": Path(t1), "t1c": Path(t1c), "t2": Path(t2), "flair": Path(flair)}
+    if case_id is None:
+        stems = []
+        for p in images.values():
+            suffix = io.volume_suffix(p)
+            stems.append(p.name[: -len(suffix)] if suffix else p.stem)
+        prefix = os.path.commonprefix(stems)
+        if prefix not in stems:  # cut a partial token: "X_t" of X_t1, X_t1ce, X_t2 -> "X"
+            prefix = prefix[: max(prefix.rfind(c) for c in "_-.") + 1]
+        case_id = prefix.rstrip("_-. ") or stems[0]
+    return Case(case_id, "files", convention or "brats2017", images)

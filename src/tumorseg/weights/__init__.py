@@ -1,0 +1,78 @@
+"""Released model weights, and resolving the CLI's `--model NAME_OR_PATH`.
+
+Released models are files `<name>.pt` beside this module (tumorseg.checkpoint's model-file
+format), each listed with its sha256 in `index.json`:
+
+    {"two_path": {"file": "two_path.pt", "sha256": "<64 hex digits>"}, ...}
+
+A released file is loaded only if its sha256 matches the index, so a truncated or swapped file
+is refused. Any other `--model` value is the path of a model file written by `tumorseg train`
+(`RUN_DIR/model.pt`) or a training checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from tumorseg.errors import TumorsegInputError
+
+RELEASED = ("input_cascade", "two_path")
+DEFAULT = "input_cascade"  # the paper's best model
+WEIGHTS_DIR = Path(__file__).parent
+INDEX = "index.json"
+
+
+def read_index(weights_dir: Path | None = None) -> dict:
+    """The released-weights index ({name: {"file", "sha256"}}); {} if there is none yet."""
+    path = (weights_dir or WEIGHTS_DIR) / INDEX
+    if not path.is_file():
+        return {}
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise TumorsegInputError(path, f"cannot read the weights index: {exc}") from None
+    if not isinstance(index, dict):
+        raise TumorsegInputError(path, "the weights index must be a JSON object")
+    return index
+
+
+def released_path(name: str, weights_dir: Path | None = None) -> tuple[Path, str]:
+    """(file, expected sha256) of a released model; an input error if it is not installed."""
+    weights_dir = weights_dir or WEIGHTS_DIR
+    entry = read_index(weights_dir).get(name) or {}
+    path = weights_dir / str(entry.get("file", f"{name}.pt"))
+    if not path.is_file():
+        raise TumorsegInputError(
+            "--model", f"released weights {name!r} are not installed ({path} is missing); "
+            f"pass --model PATH to a model file written by `tumorseg train`")
+    sha = entry.get("sha256")
+    if not isinstance(sha, str) or len(sha) != 64:
+        raise TumorsegInputError(weights_dir / INDEX, f"no sha256 recorded for released model "
+                                                      f"{name!r}; refusing to load {path.name}")
+    return path, sha.lower()
+
+
+def resolve_model(spec: str | Path | None, device: str | torch.device = "cpu"
+                  ) -> tuple[torch.nn.Module, dict]:
+    """`--model` -> (model in eval mode on `device`, metadata of the model file).
+
+    None -> the default released model (input_cascade); a name in RELEASED -> its released
+    weights, checked against index.json's sha256; anything else -> a model file path.
+    """
+    from tumorseg.checkpoint import load_model
+
+    spec = DEFAULT if spec is None else spec
+    if str(spec) in RELEASED:
+        path, sha = released_path(str(spec))
+        model, meta = load_model(path, expected_sha256=sha, device=device)
+        return model, {**meta, "released": str(spec), "path": str(path)}
+    path = Path(spec)
+    if not path.is_file():
+        raise TumorsegInputError(
+            "--model", f"{spec!r} is neither a released model ({', '.join(RELEASED)}) nor an "
+            "existing model file")
+    model, meta = load_model(path, device=device)
+    return model, {**meta, "path": str(path)}

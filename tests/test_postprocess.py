@@ -1,0 +1,109 @@
+"""Post-processing rules on tiny label maps with exact expected outputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tumorseg.postprocess import PostprocessConfig, postprocess, remove_small_components
+
+
+def _blank(shape=(8, 8, 8)) -> np.ndarray:
+    return np.zeros(shape, np.uint8)
+
+
+def test_small_component_removed_large_kept_exactly():
+    pred = _blank()
+    pred[0:3, 0:3, 0:3] = 2  # 27 voxels of oedema
+    pred[1, 1, 1] = 4  # one enhancing voxel inside it: same component
+    pred[6, 6, 6] = 1  # an isolated voxel: its own component
+    out = postprocess(pred, PostprocessConfig(min_component_voxels=2, min_enhancing_voxels=0))
+    expected = pred.copy()
+    expected[6, 6, 6] = 0
+    np.testing.assert_array_equal(out, expected)
+    assert out.dtype == np.uint8 and pred[6, 6, 6] == 1  # input untouched
+
+
+def test_26_connectivity_corner_neighbours_are_one_component():
+    pred = _blank()
+    pred[2, 2, 2] = pred[3, 3, 3] = pred[4, 4, 4] = 2  # touching only at corners
+    pred[7, 0, 0] = 2  # isolated
+    cfg = PostprocessConfig(min_component_voxels=3, keep_largest=False, min_enhancing_voxels=0)
+    expected = pred.copy()
+    expected[7, 0, 0] = 0
+    np.testing.assert_array_equal(postprocess(pred, cfg), expected)
+
+
+def test_whole_tumour_mask_joins_classes_into_one_component():
+    pred = _blank()
+    pred[2, 2, 2], pred[2, 2, 3], pred[2, 2, 4] = 1, 2, 3  # three classes, one 3-voxel lesion
+    cfg = PostprocessConfig(min_component_voxels=3, keep_largest=False, min_enhancing_voxels=0)
+    np.testing.assert_array_equal(postprocess(pred, cfg), pred)
+
+
+@pytest.mark.parametrize("keep_largest, kept", [(True, True), (False, False)])
+def test_largest_component_kept_below_threshold_only_with_keep_largest(keep_largest, kept):
+    pred = _blank()
+    pred[0:2, 0:2, 0] = 2  # 4 voxels: the largest
+    pred[5, 5, 5] = 2  # 1 voxel
+    cfg = PostprocessConfig(min_component_voxels=10, keep_largest=keep_largest,
+                            min_enhancing_voxels=0)
+    expected = _blank()
+    if kept:
+        expected[0:2, 0:2, 0] = 2
+    np.testing.assert_array_equal(postprocess(pred, cfg), expected)
+
+
+def test_largest_tie_keeps_the_first_component():
+    mask = np.zeros((5, 1, 1), bool)
+    mask[0, 0, 0] = mask[4, 0, 0] = True
+    expected = np.zeros_like(mask)
+    expected[0, 0, 0] = True
+    np.testing.assert_array_equal(remove_small_components(mask, 2, keep_largest=True), expected)
+
+
+def test_few_enhancing_voxels_become_necrosis_core_and_whole_unchanged():
+    pred = _blank()
+    pred[0:3, 0:3, 0:3] = 2
+    pred[1, 1, 0:2] = 4  # 2 enhancing voxels
+    out = postprocess(pred, PostprocessConfig(min_component_voxels=0, min_enhancing_voxels=3))
+    expected = pred.copy()
+    expected[1, 1, 0:2] = 1
+    np.testing.assert_array_equal(out, expected)
+    for classes in ((1, 2, 3, 4), (1, 3, 4)):  # whole, core
+        np.testing.assert_array_equal(np.isin(out, classes), np.isin(pred, classes))
+
+
+def test_enough_enhancing_voxels_stay():
+    pred = _blank()
+    pred[1, 1, 0:3] = 4
+    cfg = PostprocessConfig(min_component_voxels=0, min_enhancing_voxels=3)
+    np.testing.assert_array_equal(postprocess(pred, cfg), pred)
+
+
+def test_enhancing_rule_counts_after_component_removal():
+    pred = _blank()
+    pred[0:3, 0:3, 0:3] = 2
+    pred[0, 0, 0] = 4  # 1 enhancing voxel in the large lesion
+    pred[6:8, 6, 6] = 4  # 2 enhancing voxels in a small lesion that rule 1 removes
+    cfg = PostprocessConfig(min_component_voxels=5, min_enhancing_voxels=2)
+    expected = pred.copy()
+    expected[6:8, 6, 6] = 0
+    expected[0, 0, 0] = 1  # 1 < 2 enhancing voxels left
+    np.testing.assert_array_equal(postprocess(pred, cfg), expected)
+
+
+def test_disabled_and_empty_are_identity():
+    pred = _blank()
+    pred[3, 3, 3] = 4
+    np.testing.assert_array_equal(postprocess(pred, PostprocessConfig(enabled=False)), pred)
+    np.testing.assert_array_equal(postprocess(_blank()), _blank())
+
+
+def test_defaults_documented_and_validated():
+    cfg = PostprocessConfig()
+    assert (cfg.enabled, cfg.min_component_voxels, cfg.keep_largest,
+            cfg.min_enhancing_voxels) == (True, 3000, True, 500)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="min_component_voxels"):
+            PostprocessConfig(min_component_voxels=bad)

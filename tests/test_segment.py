@@ -1,0 +1,377 @@
+"""The segmentation pipeline end to end, on phantoms written in every layout.
+
+An oracle model that is correct by construction (it answers each slice with the ground truth of
+the preprocessed case) must give back the reference label file exactly: values, dtype, shape,
+header geometry and label convention. A tiny real model checks crash safety in a subprocess.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from conftest import SMALL_SHAPE, make_bad_dataset
+
+from tumorseg import checkpoint, weights
+from tumorseg.cli import main
+from tumorseg.datasets import find_cases, load_case
+from tumorseg.errors import TumorsegInputError
+from tumorseg.labels import CLASS_NAMES, N_CLASSES, get_convention
+from tumorseg.models import build_model, dense_padding
+from tumorseg.phantom import make_phantom, write_phantom
+from tumorseg.postprocess import PostprocessConfig
+from tumorseg.preprocess import PreprocessSettings, preprocess_case
+from tumorseg.segment import files_case, segment_case, segment_cases, select_part
+
+# Phantom tumours are ~2500 voxels with ~200 enhancing: thresholds that keep a correct answer.
+SMALL_POST = PostprocessConfig(min_component_voxels=100, min_enhancing_voxels=20)
+SMALL_POST_ARGS = ["--min-component", "100", "--min-enhancing", "20"]
+SETTINGS = PreprocessSettings()
+
+
+class OracleModel(torch.nn.Module):
+    """Answers each zero-padded slice with large one-hot logits of its ground truth.
+
+    It knows the preprocessed image and canonical labels of some cases and recognises a slice
+    by exact equality of the unpadded centre with one of their axial slices.
+    """
+
+    receptive_field = patch_size = 33
+
+    def __init__(self, cases):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # so that .to() and .eval() work
+        self.known = []
+        for case in cases:
+            pre = preprocess_case(load_case(case), SETTINGS)
+            for z in range(pre.image.shape[-1]):
+                self.known.append((torch.from_numpy(np.ascontiguousarray(pre.image[..., z])),
+                                   torch.from_numpy(pre.label[..., z].astype(np.int64))))
+        self.calls = 0
+
+    def forward(self, x):
+        before, after = dense_padding(self.receptive_field)
+        centre = x[:, :, before:x.shape[2] - after, before:x.shape[3] - after]
+        out = []
+        for sl in centre:
+            hits = [lab for img, lab in self.known
+                    if img.shape == sl.shape and torch.equal(img, sl)]
+            assert hits, "oracle: slice not found among the known cases"
+            out.append(torch.nn.functional.one_hot(hits[0], N_CLASSES).permute(2, 0, 1) * 50.0)
+        self.calls += 1
+        return torch.stack(out).float()
+
+
+def oracle(cases) -> tuple[torch.nn.Module, dict]:
+    meta = {"format": checkpoint.FORMAT, "model": "oracle", "preprocess": SETTINGS.to_dict(),
+            "convention": "brats2017", "receptive_field": 33}
+    return OracleModel(cases), meta
+
+
+def write_tiny_model(path: Path, seed: int = 0) -> Path:
+    """A tiny real two_path model file in the format checkpoint.load_model reads."""
+    torch.manual_seed(seed)
+    options = {"local_maps": (4, 4), "global_maps": 6, "dropout": 0.0, "init": "default"}
+    model = build_model("two_path", **options)
+    payload = {**checkpoint.describe(model, "two_path", options), "preprocess": SETTINGS.to_dict(),
+               "convention": "brats2017", "state_dict": model.state_dict()}
+    return checkpoint.save(path, payload)
+
+
+@pytest.fixture(scope="module")
+def phantom_small():
+    return make_phantom(SMALL_SHAPE, seed=0, case_id="ph_000")
+
+
+# -- end to end, every layout --------------------------------------------------------------------
+
+LAYOUT_FORMATS = [("brats2017", "nii.gz"), ("brats2023", "nii.gz"), ("msd", "nii.gz"),
+                  ("brats2013", "mha")]
+
+
+def _assert_same_file(out: Path, ref: Path) -> None:
+    if out.name.endswith(".mha"):
+        a, b = sitk.ReadImage(str(out)), sitk.ReadImage(str(ref))
+        assert a.GetPixelID() == sitk.sitkUInt8
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(a), sitk.GetArrayFromImage(b))
+        assert a.GetSize() == b.GetSize()
+        assert a.GetOrigin() == b.GetOrigin()
+        assert a.GetSpacing() == b.GetSpacing()
+        assert a.GetDirection() == b.GetDirection()
+        return
+    a, b = nib.load(str(out)), nib.load(str(ref))
+    assert a.get_data_dtype() == np.uint8
+    assert a.shape == b.shape
+    np.testing.assert_array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj))
+    np.testing.assert_array_equal(a.affine, b.affine)
+    assert a.header.get_zooms() == b.header.get_zooms()
+
+
+@pytest.mark.parametrize("layout, fmt", LAYOUT_FORMATS)
+def test_oracle_output_equals_reference_and_dice_is_one(tmp_path, phantom_small, capsys, layout,
+                                                        fmt):
+    root = tmp_path / "data"
+    write_phantom(phantom_small, root, layout)
+    (case,) = find_cases(root)
+    out = tmp_path / "out"
+    results, failures = segment_cases(oracle([case]), [case], out, postprocess=SMALL_POST)
+    assert failures == []
+    (res,) = results
+    label_path = Path(res["labels"])
+    assert label_path == out / f"ph_000.{fmt}"
+    _assert_same_file(label_path, case.label)
+    assert res["convention"] == layout and res["postprocess_changed"] == 0
+    counts = np.bincount(load_case(case).label.ravel(), minlength=N_CLASSES)  # canonical
+    assert res["voxels"] == dict(zip(CLASS_NAMES, counts.tolist()))
+    assert (out / "labels.txt").is_file() and (out / "labels.ctbl").is_file()
+
+    csv_path, json_path = tmp_path / "metrics.csv", tmp_path / "summary.json"
+    rc = main(["evaluate", "--pred", str(out), "--ref", str(root), "-o", str(csv_path),
+               "--json", str(json_path)])
+    assert rc == 0, capsys.readouterr().err
+    rows = list(csv.DictReader(csv_path.open()))
+    assert [r["region"] for r in rows] == ["whole", "core", "enhancing"]
+    assert all(float(r["dice"]) == 1.0 and float(r["hd95"]) == 0.0 for r in rows)
+    summary = json.loads(json_path.read_text())
+    assert {region: summary[region]["dice"]["mean"] for region in summary} == {
+        "whole": 1.0, "core": 1.0, "enhancing": 1.0}
+
+
+def test_output_convention_and_format_can_be_chosen(tmp_path, phantom_small):
+    root = tmp_path / "data"
+    write_phantom(phantom_small, root, "brats2017")
+    (case,) = find_cases(root)
+    (res,), _ = segment_cases(oracle([case]), [case], tmp_path / "out", convention="brats2023",
+                              output_format="mha", postprocess=SMALL_POST)
+    img = sitk.ReadImage(res["labels"])
+    data = np.transpose(sitk.GetArrayFromImage(img), (2, 1, 0))
+    np.testing.assert_array_equal(data, get_convention("brats2023").decode(phantom_small.label))
+    assert res["labels"].endswith("ph_000.mha") and res["convention"] == "brats2023"
+    assert "ET" in (tmp_path / "out" / "labels.txt").read_text()
+
+
+def test_probabilities_and_overlay(tmp_path, phantom_small):
+    root = tmp_path / "data"
+    write_phantom(phantom_small, root, "brats2017")
+    (case,) = find_cases(root)
+    res = segment_case(*oracle([case]), case, tmp_path / "out", probabilities=True, overlay=True,
+                       postprocess=PostprocessConfig(enabled=False))
+    img = nib.load(res["probabilities"])
+    probs = np.asarray(img.dataobj)
+    assert probs.shape == SMALL_SHAPE + (N_CLASSES,) and probs.dtype == np.float32
+    np.testing.assert_array_equal(probs, probs.astype(np.float16).astype(np.float32))
+    np.testing.assert_allclose(probs.sum(-1), 1.0, atol=2e-3)
+    np.testing.assert_array_equal(probs.argmax(-1), load_case(case).label)
+    outside = phantom_small.images["t1"] == 0
+    assert np.all(probs[outside] == (1, 0, 0, 0, 0))
+    np.testing.assert_array_equal(img.affine, nib.load(str(case.images["t1"])).affine)
+    png = Path(res["overlay"])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_outside_brain_forced_to_background_and_postprocess_applied(tmp_path, phantom_small):
+    """A model that says 'oedema' everywhere: outside the brain stays 0; inside, the one
+    big component survives and no enhancing appears."""
+    root = tmp_path / "data"
+    write_phantom(phantom_small, root, "brats2017")
+    (case,) = find_cases(root)
+
+    class Oedema(torch.nn.Module):
+        receptive_field = patch_size = 33
+
+        def forward(self, x):
+            logits = torch.zeros(x.shape[0], N_CLASSES, x.shape[2] - 32, x.shape[3] - 32)
+            logits[:, 2] = 10.0
+            return logits
+
+    meta = {"preprocess": SETTINGS.to_dict()}
+    res = segment_case(Oedema(), meta, case, tmp_path / "out")
+    out = np.asarray(nib.load(res["labels"]).dataobj)
+    brain = phantom_small.images["t1"] > 0
+    np.testing.assert_array_equal(out, np.where(brain, 2, 0))
+
+
+# -- batches --------------------------------------------------------------------------------------
+
+def _phantom_root(tmp_path: Path, ids, layout="brats2017", shape=SMALL_SHAPE) -> Path:
+    root = tmp_path / "data"
+    for i, cid in enumerate(ids):
+        write_phantom(make_phantom(shape, seed=i, case_id=cid), root, layout)
+    return root
+
+
+def test_batch_with_a_bad_case_reports_it_and_writes_the_good_one(tmp_path, monkeypatch, capsys):
+    root = make_bad_dataset(tmp_path, "nan")
+    write_phantom(make_phantom(SMALL_SHAPE, seed=3, case_id="good_001"), root, "brats2017")
+    good = [c for c in find_cases(root) if c.case_id == "good_001"]
+    monkeypatch.setattr(weights, "resolve_model", lambda spec, device="cpu": oracle(good))
+    out = tmp_path / "out"
+    rc = main(["segment", "-i", str(root), "-o", str(out), "--no-progress", *SMALL_POST_ARGS])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert (out / "good_001.nii.gz").is_file() and not (out / "bad_001.nii.gz").exists()
+    (line,) = err.strip().splitlines()
+    assert "bad_001" in line and "NaN" in line and "Traceback" not in err
+    _assert_same_file(out / "good_001.nii.gz", good[0].label)
+
+
+def test_num_parts_split_by_sorted_case_id(tmp_path, monkeypatch):
+    root = _phantom_root(tmp_path, ["c_b", "c_a", "c_c"])
+    cases = find_cases(root)
+    assert [c.case_id for c in select_part(cases, 2, 0)] == ["c_a", "c_c"]
+    assert [c.case_id for c in select_part(cases, 2, 1)] == ["c_b"]
+    monkeypatch.setattr(weights, "resolve_model", lambda spec, device="cpu": oracle(cases))
+    out = tmp_path / "out"
+    rc = main(["segment", "-i", str(root), "-o", str(out), "--num-parts", "2", "--part-id", "1",
+               "--no-progress", *SMALL_POST_ARGS])
+    assert rc == 0
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == ["c_b.nii.gz"]
+    assert main(["segment", "-i", str(root), "-o", str(out), "--num-parts", "2",
+                 "--part-id", "2"]) == 2
+
+
+def test_continue_skips_complete_cases_only(tmp_path):
+    root = _phantom_root(tmp_path, ["c_a", "c_b"])
+    cases = find_cases(root)
+    model, meta = oracle(cases)
+    out = tmp_path / "out"
+    segment_cases((model, meta), cases[:1], out, postprocess=SMALL_POST)
+    calls = model.calls
+    logged = []
+    results, _ = segment_cases((model, meta), cases, out, continue_=True, postprocess=SMALL_POST,
+                               log=logged.append)
+    assert [r["case_id"] for r in results] == ["c_b"]
+    assert [line.split(":")[0] for line in logged] == ["case c_a", "case c_b"]
+    assert "skipped" in logged[0]
+    assert model.calls > calls
+    # Asking for a further output makes a case incomplete again.
+    results, _ = segment_cases((model, meta), cases, out, continue_=True, overlay=True,
+                               postprocess=SMALL_POST)
+    assert [r["case_id"] for r in results] == ["c_a", "c_b"]
+
+
+def test_explicit_files_case_id_and_run(tmp_path, phantom_small):
+    folder = write_phantom(phantom_small, tmp_path / "data", "brats2017")
+    files = {m: folder / f"ph_000_{t}.nii.gz" for m, t in
+             (("t1", "t1"), ("t1c", "t1ce"), ("t2", "t2"), ("flair", "flair"))}
+    case = files_case(**files)
+    assert (case.case_id, case.layout, case.convention, case.label) == (
+        "ph_000", "files", "brats2017", None)
+    assert files_case("a/x-t1n.nii", "a/x-t1c.nii", "a/x-t2w.nii", "a/x-t2f.nii").case_id == "x"
+    assert files_case("a/t1.mha", "b/c.mha", "d.mha", "e.mha").case_id == "t1"
+    (ref_case,) = find_cases(folder)
+    (res,), _ = segment_cases(oracle([ref_case]), [case], tmp_path / "out", postprocess=SMALL_POST)
+    _assert_same_file(Path(res["labels"]), ref_case.label)
+
+
+# -- inference ------------------------------------------------------------------------------------
+
+def test_predict_labels_matches_predict_volume_and_skips_empty_slices(tmp_path):
+    from tumorseg.infer import predict_labels, predict_volume
+
+    model, _ = weights.resolve_model(str(write_tiny_model(tmp_path / "tiny.pt")))
+    image = np.random.default_rng(0).standard_normal((4, 20, 24, 6)).astype(np.float32)
+    mask = np.ones((20, 24, 6), bool)
+    mask[..., [0, 4]] = False  # two slices without brain
+    labels, probs = predict_labels(model, image, mask, batch_size=3, probabilities=True)
+    dense = predict_volume(model, image, batch_size=2)
+    keep = [1, 2, 3, 5]
+    np.testing.assert_array_equal(labels[..., keep], dense[..., keep].argmax(0))
+    np.testing.assert_allclose(probs[..., keep, :], np.moveaxis(dense[..., keep], 0, -1),
+                               atol=1e-3)
+    assert labels.dtype == np.uint8 and probs.dtype == np.float16
+    assert np.all(labels[..., [0, 4]] == 0) and np.all(probs[:, :, [0, 4]] == (1, 0, 0, 0, 0))
+    labels_all, none = predict_labels(model, image, batch_size=4)
+    assert none is None
+    np.testing.assert_array_equal(labels_all, dense.argmax(0))
+
+
+# -- model resolution -----------------------------------------------------------------------------
+
+def test_resolve_model_paths_and_released_weights(tmp_path, monkeypatch):
+    path = write_tiny_model(tmp_path / "tiny.pt")
+    model, meta = weights.resolve_model(str(path))
+    assert meta["model"] == "two_path" and meta["path"] == str(path) and not model.training
+
+    monkeypatch.setattr(weights, "WEIGHTS_DIR", tmp_path / "weights")
+    (tmp_path / "weights").mkdir()
+    with pytest.raises(TumorsegInputError, match=r"not installed.*--model PATH"):
+        weights.resolve_model(None)  # the default, input_cascade, is absent
+    with pytest.raises(TumorsegInputError, match="neither a released model"):
+        weights.resolve_model("two_pth")
+
+    released = tmp_path / "weights" / "two_path.pt"
+    released.write_bytes(path.read_bytes())
+    with pytest.raises(TumorsegInputError, match="no sha256"):
+        weights.resolve_model("two_path")
+    index = tmp_path / "weights" / "index.json"
+    index.write_text(json.dumps({"two_path": {"file": "two_path.pt", "sha256": "0" * 64}}))
+    with pytest.raises(TumorsegInputError, match="does not match"):
+        weights.resolve_model("two_path")
+    digest = hashlib.sha256(released.read_bytes()).hexdigest()
+    index.write_text(json.dumps({"two_path": {"file": "two_path.pt", "sha256": digest}}))
+    model, meta = weights.resolve_model("two_path")
+    assert meta["released"] == "two_path"
+
+
+# -- crash safety ---------------------------------------------------------------------------------
+
+def _run(args, **kw) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    return subprocess.Popen([sys.executable, "-m", "tumorseg.cli", "segment", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, **kw)
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if not p.name.startswith(".")}
+
+
+def test_sigkill_then_continue_equals_uninterrupted_run(tmp_path):
+    ids = [f"k_{i}" for i in range(3)]
+    root = _phantom_root(tmp_path, ids, shape=(40, 44, 24))
+    model = write_tiny_model(tmp_path / "tiny.pt")
+    common = ["-i", str(root), "--model", str(model), "--probabilities", "--overlay",
+              "--no-progress", "--device", "cpu"]
+    killed, reference = tmp_path / "killed", tmp_path / "reference"
+
+    proc = _run([*common, "-o", str(killed)])
+    first = killed / f"{ids[0]}.nii.gz"
+    deadline = time.time() + 120
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert first.exists(), "the run never finished its first case"
+    done = [cid for cid in ids if (killed / f"{cid}.nii.gz").exists()]
+    assert done != ids, "the run finished before it was killed: nothing was tested"
+    for path in killed.glob("*.nii.gz"):  # nothing partial under a final name
+        np.asarray(nib.load(str(path)).dataobj)
+    for cid in done:  # the label map comes last: a finished case has every output
+        assert (killed / f"{cid}_probabilities.nii.gz").exists()
+        assert (killed / f"{cid}.png").exists()
+
+    resumed = _run([*common, "-o", str(killed), "--continue"])
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err.decode()
+    assert out.decode().count("skipped (--continue)") == len(done)
+    full = _run([*common, "-o", str(reference)])
+    _, err = full.communicate(timeout=300)
+    assert full.returncode == 0, err.decode()
+
+    got, want = _files(killed), _files(reference)
+    assert sorted(got) == sorted(want)
+    assert len(want) == 3 * len(ids) + 2  # labels, probabilities, png per case; colour tables
+    assert [n for n in got if got[n] != want[n]] == []
+    assert [p.name for p in killed.iterdir() if p.name.startswith(".")] == []  # no temporaries
