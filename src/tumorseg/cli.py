@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from tumorseg.errors import TumorsegInputError
+from tumorseg.train import Interrupted
 from tumorseg.postprocess import PostprocessConfig
 
 
@@ -67,15 +68,11 @@ def cmd_preprocess(args) -> int:
 
 def cmd_train(args) -> int:
     from tumorseg.config import load_config
-    from tumorseg.train import Interrupted, TrainConfig, train
+    from tumorseg.train import TrainConfig, train
 
     cfg = load_config(TrainConfig, args.config, args.overrides)
-    try:
-        summary = train(cfg, args.data, args.out, resume=args.resume, device=args.device,
-                        progress=_progress(args))
-    except Interrupted as exc:
-        _err(str(exc))
-        return 130
+    summary = train(cfg, args.data, args.out, resume=args.resume, device=args.device,
+                    progress=_progress(args))
     print(json.dumps({k: summary[k] for k in ("model_file", "val_dice", "seconds")}, indent=2))
     return 0
 
@@ -134,52 +131,14 @@ def cmd_segment(args) -> int:
 
 # -- evaluate ----------------------------------------------------------------------------------
 
-PREDICTION_SUFFIXES = (".nii.gz", ".nii", ".mha")
-
-
-def _prediction(pred_dir: Path, case_id: str) -> Path | None:
-    for suffix in PREDICTION_SUFFIXES:
-        if (pred_dir / f"{case_id}{suffix}").is_file():
-            return pred_dir / f"{case_id}{suffix}"
-    return None
-
-
 def cmd_evaluate(args) -> int:
     from tumorseg import metrics
-    from tumorseg.datasets import find_cases
-    from tumorseg.labels import get_convention
+    from tumorseg.evaluate import evaluate_folder
 
-    pred_dir = Path(args.pred)
-    if not pred_dir.is_dir():
-        raise TumorsegInputError(pred_dir, "prediction folder does not exist")
-    errors: list = []
-    cases = find_cases(args.ref, layout=args.layout, labels=_labels_arg(args), errors=errors)
-    problems = [(str(cid), f"reference case skipped: {err}") for cid, err in errors]
-    labelled = [c for c in cases if c.label is not None]
-    if not labelled:
-        raise TumorsegInputError(args.ref, "no reference label maps found: evaluate needs the "
-                                           "ground truth (e.g. <id>_seg.nii.gz)")
-    rows: list[dict] = []
-    for case in labelled:
-        conv = get_convention(case.convention)
-        pred = _prediction(pred_dir, case.case_id)
-        if pred is None:
-            problems.append((case.case_id, f"no prediction {pred_dir / case.case_id}.nii.gz "
-                                           "(or .nii, .mha): counted as empty"))
-        try:
-            rows += metrics.evaluate_cases([(case.case_id, pred, case.label)], conv,
-                                           lesionwise=args.lesionwise)
-        except TumorsegInputError as exc:
-            if pred is None or exc.where != str(pred):
-                problems.append((case.case_id, f"reference case skipped: {exc}"))
-                continue
-            problems.append((case.case_id, f"{exc}: counted as empty"))
-            rows += metrics.evaluate_cases([(case.case_id, None, case.label)], conv,
-                                           lesionwise=args.lesionwise)
+    rows, problems = evaluate_folder(args.pred, args.ref, layout=args.layout,
+                                     labels=_labels_arg(args), lesionwise=args.lesionwise)
     for case_id, msg in problems:
         _err(f"case {case_id}: {msg}")
-    if not rows:
-        raise TumorsegInputError(args.ref, "no case could be evaluated")
     summary = metrics.summarize(rows)
     print(metrics.format_summary(summary))
     n_cases = len({r["case_id"] for r in rows})
@@ -189,6 +148,15 @@ def cmd_evaluate(args) -> int:
     if args.json:
         metrics.write_json(summary, args.json)
     return 1 if problems else 0
+
+
+# -- demo ------------------------------------------------------------------------------------
+
+def cmd_demo(args) -> int:
+    from tumorseg.demo import run_demo
+
+    run_demo(args.out, progress=_progress(args))
+    return 0
 
 
 # -- parser ------------------------------------------------------------------------------------
@@ -295,6 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add BraTS 2023 lesion-wise Dice and HD95")
     _common_data(p, auto=True)
     p.set_defaults(func=cmd_evaluate)
+    p = sub.add_parser("demo", help="the whole pipeline on synthetic cases (a few minutes)")
+    p.add_argument("--out", default="tumorseg_demo", help="work folder (replaced)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 
@@ -309,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     except TumorsegInputError as exc:
         _err(str(exc))
         return 2
+    except Interrupted as exc:  # training saved a checkpoint before stopping
+        _err(str(exc))
+        return 130
     except KeyboardInterrupt:
         _err("interrupted")
         return 130

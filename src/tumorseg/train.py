@@ -261,15 +261,15 @@ def train(cfg: TrainConfig, data_root: str | Path, run_dir: str | Path, resume: 
         meta["first_stage"] = str(first_path)
 
     state = {"phase": 0, "epoch": 0, "step": 0, "best": -1.0, "best_state": None, "bad_epochs": 0,
-             "done": False, "phase_log": []}
+             "done": False, "phase_log": [], "loss": None}
     if resume and ckpt_path.exists():
         saved = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         model.load_state_dict(saved["state_dict"])
-        state.update({k: saved[k] for k in state})
+        state.update({k: saved.get(k, v) for k, v in state.items()})
         log(f"resumed from {ckpt_path}: phase {state['phase'] + 1}, epoch {state['epoch']}, "
             f"step {state['step']}")
         if main_rank:
-            _truncate_metrics(run_dir / "metrics.jsonl", state["phase"], state["step"])
+            _truncate_metrics(run_dir / "metrics.jsonl", state["phase"], state["epoch"], state["step"])
     else:
         saved = None
 
@@ -332,14 +332,18 @@ def threading_main() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _truncate_metrics(path: Path, phase: int, step: int) -> None:
-    """Drop log lines written after the checkpoint a resumed run restarts from."""
+def _truncate_metrics(path: Path, phase: int, epoch: int, step: int) -> None:
+    """Drop log lines written after the checkpoint a resumed run restarts from (0-based `phase`,
+    `epoch` = epochs completed, `step`). A step's row is written before that step's checkpoint,
+    an epoch's row (the one with patches_per_s) before the checkpoint that completes the epoch."""
     if not path.exists():
         return
     keep = []
     for line in path.read_text().splitlines():
         row = json.loads(line)
-        if (row["phase"] - 1, row["step"]) < (phase, step) or (row["phase"] - 1) < phase:
+        p = row["phase"] - 1
+        done = row["epoch"] <= epoch if "patches_per_s" in row else row["step"] <= step
+        if p < phase or (p == phase and done):
             keep.append(line)
     with atomic_write(path) as tmp:
         tmp.write_text("".join(k + "\n" for k in keep))
@@ -420,7 +424,7 @@ def _run_phase(cfg, p: PhaseConfig, p_idx, model, data, val_cases, state, saved,
                         k.copy_(torch.renorm(k, 2, 0, p.max_norm))
             state["step"] = step + 1
             n_seen += len(anchors) * rf_outputs
-            loss_value = float(loss.detach()) / world
+            loss_value = state["loss"] = float(loss.detach()) / world
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}", patches_s=f"{n_seen / (time.time() - t_epoch):.0f}")
             if main_rank and (state["step"] % 10 == 0 or state["step"] == 1):
@@ -435,7 +439,7 @@ def _run_phase(cfg, p: PhaseConfig, p_idx, model, data, val_cases, state, saved,
                 _save_checkpoint(ckpt_path, model, opt, state, meta)
         bar.close()
         state["epoch"] = epoch + 1
-        row = {"phase": p_idx + 1, "epoch": epoch + 1, "step": state["step"], "loss": loss_value,
+        row = {"phase": p_idx + 1, "epoch": epoch + 1, "step": state["step"], "loss": state["loss"],
                "lr": lr, "patches_per_s": round(n_seen / max(time.time() - t_epoch, 1e-9), 1)}
         if val_cases:
             scores = validate(model, val_cases, cfg.data.val_slices, device)

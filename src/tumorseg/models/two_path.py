@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tumorseg.models.layers import MaxoutConv2d
+from tumorseg.models.layers import MaxoutConv2d, ValidConv2d
 
 N_CLASSES = 5
 # (kernel, pool) per local layer, the global kernel and the output kernel: the whole geometry.
@@ -84,7 +84,7 @@ class TwoPathCNN(nn.Module):
                                         cfg.batchnorm)
             features += cfg.global_maps
         self.dropout = nn.Dropout(cfg.dropout)
-        self.head = nn.Conv2d(features, N_CLASSES, HEAD_KERNEL)
+        self.head = ValidConv2d(features, N_CLASSES, HEAD_KERNEL)
         if cfg.init == "paper":
             self._paper_init()
 

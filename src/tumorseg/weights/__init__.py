@@ -76,3 +76,29 @@ def resolve_model(spec: str | Path | None, device: str | torch.device = "cpu"
             "existing model file")
     model, meta = load_model(path, device=device)
     return model, {**meta, "path": str(path)}
+
+
+def release(model_file: str | Path, name: str, weights_dir: Path | None = None,
+            extra: dict | None = None) -> Path:
+    """Publish a trained model file as released weights `name`: float16 weights and the
+    metadata segmentation needs (architecture, preprocessing, convention), plus its sha256 in
+    index.json. Both files are written atomically."""
+    import hashlib
+
+    from tumorseg.checkpoint import save
+    from tumorseg.io import atomic_write
+
+    weights_dir = weights_dir or WEIGHTS_DIR
+    payload = torch.load(model_file, map_location="cpu", weights_only=False)
+    keep = ("format", "model", "model_options", "receptive_field", "first_options", "preprocess",
+            "convention", "train_cases", "val_cases", "seed", "summary")
+    out = {k: payload[k] for k in keep if k in payload}
+    out["state_dict"] = {k: v.half() if v.is_floating_point() else v
+                         for k, v in payload["state_dict"].items()}
+    out.update(extra or {})
+    path = save(weights_dir / f"{name}.pt", out)
+    index = read_index(weights_dir)
+    index[name] = {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    with atomic_write(weights_dir / INDEX) as tmp:
+        tmp.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return path
