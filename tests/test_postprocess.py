@@ -103,7 +103,7 @@ def test_disabled_and_empty_are_identity():
 def test_defaults_documented_and_validated():
     cfg = PostprocessConfig()
     assert (cfg.enabled, cfg.min_component_voxels, cfg.keep_largest,
-            cfg.min_enhancing_voxels) == (True, 3000, True, 500)
+            cfg.min_enhancing_voxels) == (True, 10000, True, 500)
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="min_component_voxels"):
             PostprocessConfig(min_component_voxels=bad)
