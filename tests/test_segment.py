@@ -308,7 +308,7 @@ def test_resolve_model_paths_and_released_weights(tmp_path, monkeypatch):
     monkeypatch.setattr(weights, "WEIGHTS_DIR", tmp_path / "weights")
     (tmp_path / "weights").mkdir()
     with pytest.raises(TumorsegInputError, match=r"not installed.*--model PATH"):
-        weights.resolve_model(None)  # the default, input_cascade, is absent
+        weights.resolve_model(None)  # the default released model is absent
     with pytest.raises(TumorsegInputError, match="neither a released model"):
         weights.resolve_model("two_pth")
 

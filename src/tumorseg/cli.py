@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-i", "--input", help="case folder or dataset root (any supported layout)")
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("--model", default=None, metavar="NAME_OR_PATH",
-                   help="released model (input_cascade, two_path; default input_cascade) or a "
+                   help="released model (two_path, input_cascade; default two_path) or a "
                         "model file written by `tumorseg train`")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     for m, what in (("t1", "T1"), ("t1c", "T1 with contrast (T1gd, T1ce)"), ("t2", "T2"),
