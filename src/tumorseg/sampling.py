@@ -81,12 +81,10 @@ class Sampler:
             c, weights = None, self.counts.sum(1)
         case = int(rng.choice(len(weights), p=weights / weights.sum()))
         if c is None:
-            pool = np.concatenate(self.index[case]) if rng is None else None
             sizes = self.counts[case]
             k = int(rng.integers(int(sizes.sum())))
             cls = int(np.searchsorted(np.cumsum(sizes), k, side="right"))
             flat = self.index[case][cls][k - int(sizes[:cls].sum())]
-            del pool
         else:
             ix = self.index[case][c]
             flat = ix[rng.integers(len(ix))]
