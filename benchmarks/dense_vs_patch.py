@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 
 import torch
 import torch.nn.functional as F
 
 from tumorseg.models import build_model, dense_logits, dense_padding
+
+from _common import machine_meta  # benchmarks/ is on sys.path when run as a script
 
 SLICE = 240
 
@@ -91,13 +92,9 @@ def main() -> None:
     for name in args.models:
         n = args.cascade_patches if name.endswith("cascade") else args.patches
         results[name] = bench(name, n, args.batch, args.repeats)
-    results["_meta"] = {
-        "slice": [SLICE, SLICE], "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "mkldnn": torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled,
-        "cpu": platform.processor() or platform.machine(),
-        "note": "patch_s_per_slice is extrapolated linearly from patches_timed random patches "
-                "to all 57600 pixels; untrained models, float32, eval mode, no autograd",
-    }
+    results["_meta"] = machine_meta(
+        "patch_s_per_slice is extrapolated linearly from patches_timed random patches to all"
+        " 57600 pixels; untrained models, float32, eval mode, no autograd")
     print(json.dumps(results, indent=2))
 
 

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 
 import torch
 import torch.nn.functional as F
 
 from tumorseg.models import build_model
+
+from _common import machine_meta  # benchmarks/ is on sys.path when run as a script
 
 
 def bench(name: str, tile: int, batch: int, steps: int, channels_last: bool = False,
@@ -96,13 +97,9 @@ def main() -> None:
             r["ratio_vs_patch"] = round(r["patch_equivalents_per_s"]
                                         / base["patch_equivalents_per_s"], 1)
         results["two_path_variants"] = v
-    results["_meta"] = {
-        "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "mkldnn": torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled,
-        "cpu": platform.processor() or platform.machine(),
-        "note": "patch-equivalents = output pixels with loss per SGD step (forward, weighted "
-                "cross-entropy, backward, update); random inputs; untrained models; float32",
-    }
+    results["_meta"] = machine_meta(
+        "patch-equivalents = output pixels with loss per SGD step (forward, weighted"
+        " cross-entropy, backward, update); random inputs; untrained models; float32")
     print(json.dumps(results, indent=2))
 
 

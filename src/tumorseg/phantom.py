@@ -168,6 +168,7 @@ def make_phantom(
 # Files per layout: package modality -> file-name part. The datasets module parses these names.
 _BRATS2017_NAMES = {"flair": "flair", "t1": "t1", "t1c": "t1ce", "t2": "t2"}
 _BRATS2023_NAMES = {"t1": "t1n", "t1c": "t1c", "t2": "t2w", "flair": "t2f"}
+_NIFTI_CASE_LAYOUTS = {"brats2017": (_BRATS2017_NAMES, "_"), "brats2023": (_BRATS2023_NAMES, "-")}
 _BRATS2013_NAMES = {"flair": "MR_Flair", "t1": "MR_T1", "t1c": "MR_T1c", "t2": "MR_T2"}
 _MSD_ORDER = ("flair", "t1", "t1c", "t2")  # MSD Task01 / nnU-Net Dataset001 channel order
 _MSD_MODALITY = {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"}
@@ -195,17 +196,12 @@ def write_phantom(
     def labels(convention: str) -> np.ndarray:
         return CONVENTIONS[convention].decode(ph.label)
 
-    if layout == "brats2017":
+    if layout in _NIFTI_CASE_LAYOUTS:  # one folder per case, <id><sep><part>.nii.gz
+        names, sep = _NIFTI_CASE_LAYOUTS[layout]
         folder = root / cid
-        for m, part in _BRATS2017_NAMES.items():
-            write_volume(folder / f"{cid}_{part}.nii.gz", images[m], ref)
-        write_volume(folder / f"{cid}_seg.nii.gz", labels("brats2017"), ref)
-        return folder
-    if layout == "brats2023":
-        folder = root / cid
-        for m, part in _BRATS2023_NAMES.items():
-            write_volume(folder / f"{cid}-{part}.nii.gz", images[m], ref)
-        write_volume(folder / f"{cid}-seg.nii.gz", labels("brats2023"), ref)
+        for m, part in names.items():
+            write_volume(folder / f"{cid}{sep}{part}.nii.gz", images[m], ref)
+        write_volume(folder / f"{cid}{sep}seg.nii.gz", labels(layout), ref)
         return folder
     if layout == "brats2013":
         folder = root / cid
