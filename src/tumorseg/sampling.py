@@ -70,8 +70,7 @@ class Sampler:
                       for lab, msk in zip(data.labels, data.masks)]
         self.counts = np.array([[len(ix) for ix in per] for per in self.index], dtype=np.float64)
         self.present = [c for c in range(N_CLASSES) if self.counts[:, c].sum() > 0]
-        total = self.counts.sum(0)
-        self.class_freq = total / total.sum()  # natural distribution inside the brain
+        self.class_freq = class_frequencies(data)
 
     def _anchor(self, rng: np.random.Generator) -> tuple[int, int, int, int]:
         if self.mode == "balanced":
@@ -120,6 +119,12 @@ class Sampler:
             win = self.data.images[case][z, :, x0:x0 + size, y0:y0 + size]
             out[i, :, :win.shape[1], :win.shape[2]] = win
         return out
+
+
+def class_frequencies(data: SliceData) -> np.ndarray:
+    """[5] fraction of brain voxels of each canonical class over all training cases."""
+    total = sum(np.bincount(lab[msk], minlength=N_CLASSES) for lab, msk in zip(data.labels, data.masks))
+    return total / total.sum()
 
 
 def class_weights(labels: np.ndarray, valid: np.ndarray, mode: str) -> np.ndarray:

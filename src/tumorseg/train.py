@@ -34,7 +34,7 @@ from tumorseg.io import atomic_write
 from tumorseg.labels import CANONICAL_REGIONS
 from tumorseg.models import Cascade, build_model
 from tumorseg.preprocess import PreprocessSettings
-from tumorseg.sampling import SAMPLING_MODES, Sampler, prepare
+from tumorseg.sampling import SAMPLING_MODES, Sampler, class_frequencies, prepare
 
 
 @dataclass(frozen=True)
@@ -183,7 +183,7 @@ def train(cfg: TrainConfig, data_root: str | Path, run_dir: str | Path, resume: 
     Returns the summary.
     """
     from tumorseg.datasets import find_cases
-    from tumorseg.preprocess import cached_preprocess, load_preprocessed
+    from tumorseg.preprocess import cache_path, cached_preprocess, load_preprocessed
 
     t0 = time.time()
     run_dir = Path(run_dir)
@@ -231,7 +231,6 @@ def train(cfg: TrainConfig, data_root: str | Path, run_dir: str | Path, resume: 
             cached_preprocess(by_id[cid], cfg.preprocess, cache_dir)
     if world > 1:
         torch.distributed.barrier()
-    from tumorseg.preprocess import cache_path
     train_cases = [load_preprocessed(cache_path(cache_dir, i)) for i in train_ids]
     val_cases = [load_preprocessed(cache_path(cache_dir, i)) for i in val_ids]
     log(f"train: {len(train_cases)} cases, validation: {len(val_cases)} cases ({', '.join(val_ids)})")
@@ -240,7 +239,7 @@ def train(cfg: TrainConfig, data_root: str | Path, run_dir: str | Path, resume: 
     torch.manual_seed(cfg.seed)
     options = dict(cfg.model_options)
     if cfg.model.endswith("cascade"):
-        first, first_meta = ckpt.load_model(first_path)
+        first, _ = ckpt.load_model(first_path)
         model = build_model(cfg.model, **options)
         model.first = first
         model.first.requires_grad_(False)
@@ -248,11 +247,10 @@ def train(cfg: TrainConfig, data_root: str | Path, run_dir: str | Path, resume: 
         model = build_model(cfg.model, **options)
     rf = model.receptive_field
     data = prepare(train_cases, rf)
-    probe = Sampler(data, rf, 1, "natural")
     if options.get("init", "paper") == "paper" and "class_freq" not in options:
         head = model.output_layer()
         with torch.no_grad():  # the paper's softmax biases: log of the class frequencies
-            head.bias.copy_(torch.log(torch.tensor(np.maximum(probe.class_freq, 1e-4), dtype=torch.float32)))
+            head.bias.copy_(torch.log(torch.tensor(np.maximum(class_frequencies(data), 1e-4), dtype=torch.float32)))
     model.to(device)
     meta = ckpt.describe(model, cfg.model, options)
     meta.update(preprocess=cfg.preprocess.to_dict(), convention=sorted(conventions)[0],
