@@ -1,20 +1,22 @@
 """Whole-slice dense inference.
 
-`predict_volume` runs a model on every axial slice of a preprocessed volume in bounded batches;
-each output pixel equals the patch classifier's output for the patch centred on it (see
-models.dense_logits and tests/test_models.py). `predict_labels` is the memory-lean variant that
-segmentation uses: it keeps only the argmax (uint8) and, on request, float16 probabilities, and
-skips slices without brain. Post-processing lives in `tumorseg.postprocess`.
+`predict_volume` runs a model on every whole axial slice of a preprocessed volume in bounded
+batches; each output pixel equals the patch classifier's output for the patch centred on it (see
+models.dense_logits and tests/test_models.py). `predict_labels` is what segmentation uses: it
+runs each slice on its own brain box (about 0.6 of the volume box's pixels on BraTS), batches
+boxes of equal size, skips slices without brain, and keeps only the argmax (uint8) and, on
+request, float16 probabilities. Post-processing lives in `tumorseg.postprocess`. How each layer
+is computed (direct, FFT, bf16) is `models.fastconv`'s choice.
 
-Memory: one batch of `batch_size` slices goes through the network at a time, and the activations
+Memory: one batch of `batch_size` boxes goes through the network at a time, and the activations
 of that batch dominate the peak: about 250 MB per slice for input_cascade on a whole 240 x 240
-BraTS slice (padded to 304 x 304), 200 MB for two_path. The default BATCH_SIZE = 4 keeps a
-segmentation of a 240 x 240 x 155 case under 2 GB RSS even when the brain fills the slice; see
-benchmarks/segment_case.py for the measured peak.
+BraTS slice (padded to 304 x 304), 200 MB for two_path. See benchmarks/segment_case.py for the
+measured peak.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -22,7 +24,7 @@ import torch
 
 from tumorseg.errors import TumorsegInputError
 from tumorseg.labels import N_CLASSES
-from tumorseg.models import dense_logits
+from tumorseg.models import dense_logits, dense_padding
 
 DEVICES = ("auto", "cpu", "cuda")
 BATCH_SIZE = 4  # axial slices per forward pass in segmentation: bounds peak memory
@@ -77,31 +79,118 @@ def predict_volume(model: torch.nn.Module, image: np.ndarray, slices: Sequence[i
     return out
 
 
+BOX_MULTIPLE = 16  # slice boxes are rounded up to multiples of this: few sizes, shared FFT plans
+
+
+@dataclass(frozen=True)
+class SliceBox:
+    """The output window [x0, x0 + sx) x [y0, y0 + sy) of axial slice z."""
+
+    z: int
+    x0: int
+    y0: int
+    sx: int
+    sy: int
+
+
+def slice_boxes(mask: np.ndarray, multiple: int = BOX_MULTIPLE) -> list[SliceBox]:
+    """One box per axial slice with brain: its brain's bounding box, each side rounded up to a
+    multiple of `multiple` (or the slice's side), centred and kept inside the slice.
+
+    mask: (X, Y, Z) bool. Returns the boxes sorted by size, then z, so that batches of equal
+    size follow each other (they share kernel spectra and oneDNN primitives).
+    """
+    nx, ny, _ = mask.shape
+    boxes = []
+    for z in np.flatnonzero(mask.any(axis=(0, 1))):
+        m = mask[..., z]
+        xs, ys = np.flatnonzero(m.any(1)), np.flatnonzero(m.any(0))
+        origin = []
+        for lo, hi, n in ((xs[0], xs[-1] + 1, nx), (ys[0], ys[-1] + 1, ny)):
+            size = min(n, -(-(hi - lo) // multiple) * multiple)
+            start = min(max(0, lo - (size - (hi - lo)) // 2), n - size)
+            origin.append((int(start), int(size)))
+        (x0, sx), (y0, sy) = origin
+        boxes.append(SliceBox(int(z), x0, y0, sx, sy))
+    return sorted(boxes, key=lambda b: (b.sx, b.sy, b.z))
+
+
+def _box_batches(boxes: list[SliceBox], batch_size: int) -> Iterator[list[SliceBox]]:
+    """Consecutive boxes of equal size, at most `batch_size` at a time."""
+    batch: list[SliceBox] = []
+    for box in boxes:
+        if batch and (len(batch) == batch_size or (box.sx, box.sy) != (batch[0].sx, batch[0].sy)):
+            yield batch
+            batch = []
+        batch.append(box)
+    if batch:
+        yield batch
+
+
+def _window(image: np.ndarray, batch: list[SliceBox], rf: int) -> torch.Tensor:
+    """The model input for a batch of equal-size boxes: [b, C, sx + rf - 1, sy + rf - 1], the
+    box plus the receptive field's margin, zero outside the volume (as `dense_logits` pads)."""
+    before, _ = dense_padding(rf)
+    c, nx, ny, _ = image.shape
+    sx, sy = batch[0].sx, batch[0].sy
+    out = np.zeros((len(batch), c, sx + rf - 1, sy + rf - 1), np.float32)
+    for i, b in enumerate(batch):
+        x0, y0 = b.x0 - before, b.y0 - before
+        xa, ya = max(x0, 0), max(y0, 0)
+        xb, yb = min(x0 + sx + rf - 1, nx), min(y0 + sy + rf - 1, ny)
+        out[i, :, xa - x0:xb - x0, ya - y0:yb - y0] = image[:, xa:xb, ya:yb, b.z]
+    return torch.from_numpy(out)
+
+
+def _argmax_classes(probs: torch.Tensor) -> torch.Tensor:
+    """probs.argmax(1) as uint8 ([b, K, X, Y] -> [b, X, Y]), first maximum on ties like argmax;
+    K - 1 elementwise passes, several times faster than argmax's strided reduction."""
+    best, idx = probs[:, 0], torch.zeros(probs[:, 0].shape, dtype=torch.uint8)
+    for c in range(1, probs.shape[1]):
+        better = probs[:, c] > best
+        best = torch.where(better, probs[:, c], best)
+        idx.masked_fill_(better, c)
+    return idx
+
+
 def predict_labels(model: torch.nn.Module, image: np.ndarray, mask: np.ndarray | None = None,
                    batch_size: int = BATCH_SIZE, device: str | torch.device = "cpu",
                    probabilities: bool = False, progress: bool = False, desc: str = "slices"
                    ) -> tuple[np.ndarray, np.ndarray | None]:
     """Argmax labels (and optionally probabilities) of a preprocessed volume.
 
-    image: (4, X, Y, Z) float32 preprocessed; mask: (X, Y, Z) bool brain, or None. Axial slices
-    without any brain voxel are not run through the model: their labels are 0 and their
-    probabilities (1, 0, 0, 0, 0). Elsewhere labels = argmax of the softmax, exactly as
-    `predict_volume(...).argmax(0)`.
+    image: (4, X, Y, Z) float32 preprocessed; mask: (X, Y, Z) bool brain, or None (every pixel).
+    The model runs on each slice's brain box only (`slice_boxes`), plus the receptive field's
+    margin: inside the box every label is exactly `predict_volume(...).argmax(0)` (the box's
+    input window holds every pixel its outputs see). Outside the boxes, and on slices without
+    brain, labels are 0 and probabilities (1, 0, 0, 0, 0).
 
     Returns (labels (X, Y, Z) uint8 canonical classes, probabilities (X, Y, Z, 5) float16 or
-    None). Memory: the outputs plus one batch of slices.
+    None). Memory: the outputs plus one batch of boxes.
     """
+    from tqdm import tqdm
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     shape = image.shape[1:]
-    zs = list(range(shape[2])) if mask is None else [int(z) for z in
-                                                     np.flatnonzero(mask.any(axis=(0, 1)))]
+    boxes = slice_boxes(np.ones(shape, bool) if mask is None else mask)
     labels = np.zeros(shape, np.uint8)
     probs_out = None
     if probabilities:
         probs_out = np.zeros(shape + (N_CLASSES,), np.float16)
         probs_out[..., 0] = 1
-    for start, probs in _slice_batches(model, image, zs, batch_size, device, progress, desc):
-        chunk = zs[start:start + probs.shape[0]]
-        labels[..., chunk] = np.moveaxis(probs.argmax(1).numpy().astype(np.uint8), 0, -1)
-        if probs_out is not None:  # [b, 5, X, Y] -> (X, Y, b, 5)
-            probs_out[:, :, chunk, :] = np.transpose(probs.numpy(), (2, 3, 0, 1))
+    model.eval()
+    rf = model.receptive_field
+    with tqdm(total=len(boxes), desc=desc, unit="slice", disable=not progress, leave=False) as bar:
+        for batch in _box_batches(boxes, batch_size):
+            with torch.no_grad():
+                logits = model(_window(image, batch, rf).to(device))  # [b, 5, sx, sy]
+                probs = torch.softmax(logits, dim=1).cpu()
+            lab = _argmax_classes(probs).numpy()
+            for i, b in enumerate(batch):
+                window = (slice(b.x0, b.x0 + b.sx), slice(b.y0, b.y0 + b.sy), b.z)
+                labels[window] = lab[i]
+                if probs_out is not None:  # [5, sx, sy] -> (sx, sy, 5)
+                    probs_out[window] = np.moveaxis(probs[i].numpy(), 0, -1)
+            bar.update(len(batch))
     return labels, probs_out

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tumorseg.models.layers import MaxoutConv2d, ValidConv2d
+from tumorseg.models.layers import MaxoutConv2d, MaxPool, ValidConv2d
 
 N_CLASSES = 5
 # (kernel, pool) per local layer, the global kernel and the output kernel: the whole geometry.
@@ -75,9 +75,9 @@ class TwoPathCNN(nn.Module):
         if "local" in cfg.paths:
             m1, m2 = cfg.local_maps
             self.local1 = MaxoutConv2d(cfg.in_channels, m1, k1, cfg.pieces, cfg.batchnorm)
-            self.pool1 = nn.MaxPool2d(p1, stride=1)
+            self.pool1 = MaxPool(p1)
             self.local2 = MaxoutConv2d(m1 + cfg.local_extra, m2, k2, cfg.pieces, cfg.batchnorm)
-            self.pool2 = nn.MaxPool2d(p2, stride=1)
+            self.pool2 = MaxPool(p2)
             features += m2
         if "global" in cfg.paths:
             self.global1 = MaxoutConv2d(cfg.in_channels, cfg.global_maps, GLOBAL_KERNEL, cfg.pieces,
@@ -109,8 +109,9 @@ class TwoPathCNN(nn.Module):
             feats.append(self.global1(x))  # [B, 160, S-12, S'-12]
         if self.cfg.head_extra:
             feats.append(extra)  # [B, 5, S-12, S'-12]
-        h = torch.cat(feats, 1)  # [B, 224 (+5), S-12, S'-12]
-        return self.head(self.dropout(h))  # [B, 5, S-32, S'-32]
+        if self.training and self.cfg.dropout > 0:
+            feats = [self.dropout(torch.cat(feats, 1))]  # [B, 224 (+5), S-12, S'-12]
+        return self.head(feats)  # convolves the channel concatenation: [B, 5, S-32, S'-32]
 
     @property
     def params_paper(self) -> int:

@@ -1,0 +1,517 @@
+"""How a valid, stride-1 convolution and a stride-1 max pooling are computed on this machine.
+
+The models call `conv2d` and `max_pool` and never know which implementation ran. Each call site
+is identified by what decides the cost: the operation, the weight's shape, the input's size
+class (sides in steps of 2^(1/2)), whether autograd records it and the dtype. The first call of
+a kind runs every candidate on the call's input, keeps the fastest, and remembers the
+choice (in memory, and in a plan file so that a later process on the same machine makes the
+same choice: two runs then give bitwise identical outputs).
+
+Convolution candidates:
+- "direct": oneDNN's convolution; under autograd its gradients are computed as forward
+  convolutions (`_DirectConvFn`), which oneDNN runs an order of magnitude faster than its own
+  backward for the 13x13 and 21x21 kernels;
+- "fft": rfft2 of input and flipped kernel on a fast FFT size >= the input, the channel sum as
+  one batched complex matmul over frequencies, irfft2, crop to the valid region
+  (`_FFTConvFn`, backward in the frequency domain too). Offered for kernels >= FFT_MIN_KERNEL:
+  it wins for the 21x21 output layer (224 -> 5 maps) and loses for the 13x13 global layer
+  (4 -> 320 maps, 320 inverse transforms), so the choice is measured, not assumed;
+- "direct_bf16" (only with precision "bf16"): the direct convolution on bfloat16 copies, fp32
+  out (AMX / AVX-512-BF16 kernels where the CPU has them).
+
+Pooling candidates (all exact; max is order-independent): NCHW `max_pool2d`, channels-last
+`max_pool2d`, and shifted `torch.maximum` (log2 k steps per axis).
+
+`EngineOptions(mode="plain")` forces the direct fp32 convolution and NCHW pooling everywhere:
+the reference path of the tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import platform
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+MODES = ("auto", "plain")
+PRECISIONS = ("fp32", "bf16")
+FFT_MIN_KERNEL = 7  # smaller kernels: the direct convolution always wins (O(k^2) vs O(log N))
+PLAN_VERSION = 1
+MARGIN = 0.1  # a candidate must be 10% faster than the reference (direct / NCHW) to be chosen
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """mode: "auto" (choose per call site by measurement) or "plain" (direct fp32, the
+    reference); precision: "fp32" or "bf16" (opt-in: bfloat16 direct convolutions become
+    candidates; labels agree with fp32 on >= 99.9% of brain voxels, see docs/PERFORMANCE.md)."""
+
+    mode: str = "auto"
+    precision: str = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"engine mode must be one of {MODES}, got {self.mode!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+
+
+_state = threading.local()
+
+
+def current() -> EngineOptions:
+    """The options in force in this thread (default: auto, fp32)."""
+    return getattr(_state, "options", None) or EngineOptions()
+
+
+@contextlib.contextmanager
+def options(opts: EngineOptions | None = None, **kwargs) -> Iterator[EngineOptions]:
+    """Run a block with other engine options: `with fastconv.options(mode="plain"): ...`."""
+    new = opts or EngineOptions(**{**current().__dict__, **kwargs})
+    old = getattr(_state, "options", None)
+    _state.options = new
+    try:
+        yield new
+    finally:
+        _state.options = old
+
+
+# ---------------------------------------------------------------------------------------------
+# Direct convolution with the fast backward.
+
+class _DirectConvFn(torch.autograd.Function):
+    """conv2d (valid, stride 1) whose gradients are computed as forward convolutions:
+      d/dx = conv2d(pad(g, k-1), flip(W)^T)          (a full convolution)
+      d/dW = conv2d(x^T, g^T)^T                      (batch and channel axes swapped)
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        return F.conv2d(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        k, l = weight.shape[-2:]
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            w_t = weight.flip(-2, -1).transpose(0, 1)  # [C, O, k, l]
+            gx = F.conv2d(F.pad(g, (l - 1, l - 1, k - 1, k - 1)), w_t)
+        if ctx.needs_input_grad[1]:
+            gw = F.conv2d(x.transpose(0, 1), g.transpose(0, 1)).transpose(0, 1)  # [O, C, k, l]
+        if ctx.needs_input_grad[2]:
+            gb = g.sum((0, 2, 3))
+        return gx, gw, gb
+
+
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def conv_direct(x: torch.Tensor | Sequence[torch.Tensor], weight: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor:
+    """Valid stride-1 conv2d: x [B, C, H, W] (or a list to concatenate along channels),
+    weight [O, C, k, l] -> [B, O, H-k+1, W-l+1]."""
+    x = _cat(x)
+    if _needs_grad(x, weight, bias):
+        return _DirectConvFn.apply(x, weight, bias)
+    return F.conv2d(x, weight, bias)
+
+
+def conv_direct_bf16(x: torch.Tensor | Sequence[torch.Tensor], weight: torch.Tensor,
+                     bias: torch.Tensor | None) -> torch.Tensor:
+    """`conv_direct` on bfloat16 copies of x and weight (bias added in fp32); fp32 out."""
+    x = _cat(x)
+    y = conv_direct(x.to(torch.bfloat16), weight.to(torch.bfloat16), None).to(x.dtype)
+    return y if bias is None else y + bias.view(1, -1, 1, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# FFT convolution.
+
+def fft_size(n: int) -> int:
+    """The smallest 2^a 3^b 5^c >= n (sizes MKL / pocketfft transform fastest)."""
+    best = 1 << max(0, (n - 1).bit_length())
+    p3 = 1
+    while p3 < best:
+        p35 = p3
+        while p35 < best:
+            p = p35
+            while p < n:
+                p *= 2
+            best = min(best, p)
+            p35 *= 5
+        p3 *= 3
+    return best
+
+
+def _freq_major(z: torch.Tensor) -> torch.Tensor:
+    """Complex [A, B, nh, nf] -> [nh*nf, A, B] (a strided view; `_cmatmul` copies it once)."""
+    return z.permute(2, 3, 0, 1).flatten(0, 1)
+
+
+def _spatial_major(z: torch.Tensor, nh: int, nf: int) -> torch.Tensor:
+    """[nh*nf, A, B] -> [A, B, nh, nf] (a view)."""
+    return z.view(nh, nf, *z.shape[1:]).permute(2, 3, 0, 1)
+
+
+# Complex matrix products over frequencies as one real bmm (CPU complex bmm of many small
+# matrices runs matrix by matrix, about 10x slower). With a = ar + i ai and the right-hand
+# side b stored as `_icols(b)` (per row: re, then -im), the real product of [a; i a] (viewed
+# as interleaved re/im) with it gives [re(ab); -im(ab)].
+def _icols(b: torch.Tensor) -> torch.Tensor:
+    """Complex [F, m, p] -> real [F, 2m, p]: rows 2j = re(b_j), 2j+1 = -im(b_j)."""
+    f, m, p = b.shape
+    return torch.stack([b.real, -b.imag], 2).view(f, 2 * m, p)
+
+
+def _cmatmul(a: torch.Tensor, b_icols: torch.Tensor) -> torch.Tensor:
+    """a @ b for each frequency: a complex [F, n, m] (any strides), b as `_icols(b)`
+    [F, 2m, p] -> complex [F, n, p]."""
+    f, n, m = a.shape
+    rows = torch.empty(f, 2, n, m, dtype=a.dtype, device=a.device)
+    rows[:, 0] = a  # the transposing copy, if a is a permuted view
+    torch.mul(rows[:, 0], 1j, out=rows[:, 1])
+    out = torch.bmm(torch.view_as_real(rows).view(f, 2 * n, 2 * m), b_icols)  # [F, 2n, p]
+    return torch.complex(out[:, :n], out[:, n:].neg())
+
+
+def _kernel_icols(weight: torch.Tensor, nh: int, nw: int) -> torch.Tensor:
+    """`_icols` of the rfft2 of the flipped kernel on an nh x nw grid: real [nh*nf, 2C, O].
+
+    weight [O, C, k, l]. A real transform along the k rows, then the DFT along the k nonzero
+    rows as one real matrix product laid out to give `_icols` directly: k/nh of the cost of a
+    full transform along that axis, and no transposing copy of the (large) result.
+    """
+    o, c, k, _ = weight.shape
+    r = torch.fft.rfft(weight.flip(-2, -1), n=nw).permute(2, 3, 1, 0)  # [k, nf, C, O]
+    nf = r.shape[1]
+    # (cos - i sin)(a + ib) = (cos a + sin b) + i (cos b - sin a), summed over the k rows:
+    # re = [cos, -sin] @ [a; -b], -im = [cos, -sin] @ [-b; -a]
+    phase = 2 * math.pi * torch.outer(torch.arange(nh, dtype=torch.float64),
+                                      torch.arange(k, dtype=torch.float64)) / nh
+    dft = torch.cat([phase.cos(), -phase.sin()], 1).to(weight.dtype).to(weight.device)
+    re, im = r.real, r.imag
+    rhs = torch.stack([torch.cat([re, -im]), torch.cat([-im, -re])], 3)  # [2k, nf, C, 2, O]
+    out = dft @ rhs.reshape(2 * k, nf * c * 2 * o)  # [nh, nf * C * 2 * O]
+    return out.view(nh * nf, 2 * c, o)
+
+
+class _SpectrumCache:
+    """The last few kernel spectra (as `_icols`) of no-grad calls, keyed by the weight's
+    identity, version and the FFT grid: inference reuses one for every batch of that size.
+    Inference visits batches grouped by size, so two entries suffice (the head's is 176 MB for
+    a 180 x 216 grid)."""
+
+    def __init__(self, size: int = 2):
+        self.size, self.items = size, {}
+        self.lock = threading.Lock()
+
+    def get(self, weight: torch.Tensor, nh: int, nw: int) -> torch.Tensor:
+        key = (id(weight), weight._version, weight.data_ptr(), weight.dtype, nh, nw)
+        with self.lock:
+            hit = self.items.pop(key, None)
+            if hit is None:
+                hit = _kernel_icols(weight, nh, nw)
+            self.items[key] = hit  # most recent last
+            while len(self.items) > self.size:
+                self.items.pop(next(iter(self.items)))
+            return hit
+
+
+_spectra = _SpectrumCache()
+
+
+def _irfft_valid(yf: torch.Tensor, nh: int, nw: int, rows: slice, cols: slice) -> torch.Tensor:
+    """irfft2 of a frequency-major [nh*nf, A, B] spectrum, cropped: [A, B, rows, cols]."""
+    return torch.fft.irfft2(_spatial_major(yf, nh, nw // 2 + 1), s=(nh, nw))[..., rows, cols]
+
+
+class _FFTConvFn(torch.autograd.Function):
+    """Valid stride-1 conv2d through the FFT, forward and backward.
+
+    With grids nh >= H, nw >= W, the circular convolution of x with the flipped, zero-padded
+    kernel equals the valid output on rows k-1..H-1 (wrap-around only reaches rows < k-1). The
+    gradients are the adjoint operations on the same grid (no wrap-around reaches them either):
+      d/dx  = irfft2(G * conj(K))[:H, :W]
+      d/dW' = irfft2(sum_b conj(X) * G)[:k, :l],  W = flip(W')
+    where G is the spectrum of the output gradient placed at rows k-1.., cols l-1...
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        h, w = x.shape[-2:]
+        k, l = weight.shape[-2:]
+        nh, nw = fft_size(h), fft_size(w)
+        xf = _freq_major(torch.fft.rfft2(x, s=(nh, nw)))  # [F, B, C]
+        kf = _kernel_icols(weight, nh, nw)  # [F, 2C, O]
+        y = _irfft_valid(_cmatmul(xf, kf), nh, nw, slice(k - 1, h), slice(l - 1, w))
+        if bias is not None:
+            y = y + bias.view(1, -1, 1, 1)
+        ctx.save_for_backward(xf, kf)
+        ctx.geometry = (h, w, k, l, nh, nw)
+        return y.contiguous()
+
+    @staticmethod
+    def backward(ctx, g):
+        xf, kf = ctx.saved_tensors
+        h, w, k, l, nh, nw = ctx.geometry
+        gf = _freq_major(torch.fft.rfft2(F.pad(g, (l - 1, 0, k - 1, 0)), s=(nh, nw)))  # [F,B,O]
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            f, c2, o = kf.shape
+            kre, kim_neg = kf.view(f, c2 // 2, 2, o).unbind(2)  # re(K), -im(K): [F, C, O]
+            conj_kt = torch.stack([kre.transpose(1, 2), kim_neg.transpose(1, 2).neg()], 2)
+            # _icols(conj(K)^T): rows re(K)^T, -im(conj K)^T = im(K)^T
+            gx = _cmatmul(gf, conj_kt.reshape(f, 2 * o, c2 // 2))  # [F, B, C]
+            gx = _irfft_valid(gx, nh, nw, slice(0, h), slice(0, w))
+        if ctx.needs_input_grad[1]:
+            gw = _cmatmul(xf.transpose(1, 2).conj(), _icols(gf))  # [F, C, O]
+            gw = _irfft_valid(gw, nh, nw, slice(0, k), slice(0, l))
+            gw = gw.transpose(0, 1).flip(-2, -1)  # [O, C, k, l]
+        if ctx.needs_input_grad[2]:
+            gb = g.sum((0, 2, 3))
+        return gx, gw, gb
+
+
+def _padded(xs: Sequence[torch.Tensor], nh: int, nw: int) -> torch.Tensor:
+    """The channel concatenation of xs ([B, C_i, H, W] each), zero-padded to [B, C, nh, nw]
+    in one buffer: cheaper than torch.cat followed by rfft2's own padding copy."""
+    b, _, h, w = xs[0].shape
+    buf = xs[0].new_empty(b, sum(x.shape[1] for x in xs), nh, nw)
+    buf[..., h:, :].zero_()
+    buf[..., :h, w:].zero_()
+    start = 0
+    for x in xs:
+        buf[:, start:start + x.shape[1], :h, :w] = x
+        start += x.shape[1]
+    return buf
+
+
+def conv_fft(x: torch.Tensor | Sequence[torch.Tensor], weight: torch.Tensor,
+             bias: torch.Tensor | None) -> torch.Tensor:
+    """Valid stride-1 conv2d by FFT: x [B, C, H, W] (or a list of [B, C_i, H, W] to be
+    concatenated along channels), weight [O, C, k, l] -> [B, O, H-k+1, W-l+1].
+
+    Agrees with the direct convolution to float rounding (about 1e-6 of the output's scale in
+    float32). Without autograd, kernel spectra are cached per weight and grid size.
+    """
+    xs = [x] if isinstance(x, torch.Tensor) else list(x)
+    if _needs_grad(*xs, weight, bias):
+        return _FFTConvFn.apply(_cat(xs), weight, bias)
+    h, w = xs[0].shape[-2:]
+    k, l = weight.shape[-2:]
+    nh, nw = fft_size(h), fft_size(w)
+    xf = _freq_major(torch.fft.rfft2(_padded(xs, nh, nw)))  # [F, B, C]
+    y = _irfft_valid(_cmatmul(xf, _spectra.get(weight, nh, nw)), nh, nw,
+                     slice(k - 1, h), slice(l - 1, w))
+    return y + bias.view(1, -1, 1, 1) if bias is not None else y.contiguous()
+
+
+def _cat(x: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+    return x if isinstance(x, torch.Tensor) else x[0] if len(x) == 1 else torch.cat(list(x), 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stride-1 max pooling.
+
+def pool_nchw(x: torch.Tensor, k: int) -> torch.Tensor:
+    """k x k max pooling, stride 1, no padding: [B, C, H, W] -> [B, C, H-k+1, W-k+1]."""
+    return F.max_pool2d(x, k, stride=1)
+
+
+def pool_channels_last(x: torch.Tensor, k: int) -> torch.Tensor:
+    """`pool_nchw` computed in channels-last memory order (oneDNN / ATen's vectorised kernel)."""
+    y = F.max_pool2d(x.contiguous(memory_format=torch.channels_last), k, stride=1)
+    return y.contiguous()
+
+
+def pool_shifted(x: torch.Tensor, k: int) -> torch.Tensor:
+    """`pool_nchw` as shifted maxima: a window of w doubles to 2w (or grows to k) per step."""
+    for dim in (-1, -2):
+        w = 1
+        while w < k:
+            step = min(w, k - w)
+            n = x.shape[dim]
+            x = torch.maximum(x.narrow(dim, 0, n - step), x.narrow(dim, step, n - step))
+            w += step
+    return x
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing by measurement.
+
+CONV_CANDIDATES: dict[str, Callable] = {"direct": conv_direct, "fft": conv_fft,
+                                        "direct_bf16": conv_direct_bf16}
+POOL_CANDIDATES: dict[str, Callable] = {"nchw": pool_nchw, "channels_last": pool_channels_last,
+                                        "shifted": pool_shifted}
+
+
+def _size_class(n: int) -> int:
+    """Inputs whose sides share a size class share a choice: powers of 2^(1/2)."""
+    return round(2 * math.log2(max(n, 1)))
+
+
+class Planner:
+    """Per call site choices, measured once, kept in memory and in a JSON plan file.
+
+    The plan file (default ~/.cache/tumorseg/engine-plan.json; TUMORSEG_ENGINE_PLAN overrides,
+    an empty value keeps plans in memory only) is keyed by CPU, torch version and thread count.
+    """
+
+    def __init__(self, path: str | Path | None = None):
+        if path is None:
+            env = os.environ.get("TUMORSEG_ENGINE_PLAN")
+            path = (Path.home() / ".cache" / "tumorseg" / "engine-plan.json"
+                    if env is None else (Path(env) if env else None))
+        self.path = Path(path) if path else None
+        self.lock = threading.Lock()
+        self.choices: dict[str, str] = {}
+        self.timings: dict[str, dict[str, float]] = {}
+        self._loaded_for: str | None = None
+
+    def machine(self) -> str:
+        return f"{platform.machine()}|{_cpu_name()}|torch {torch.__version__}|" \
+               f"threads {torch.get_num_threads()}|v{PLAN_VERSION}"
+
+    def _load(self) -> None:
+        machine = self.machine()
+        if self._loaded_for == machine:
+            return
+        self._loaded_for, self.choices = machine, {}
+        if self.path is not None and self.path.is_file():
+            try:
+                self.choices = dict(json.loads(self.path.read_text()).get(machine, {}))
+            except (OSError, ValueError, AttributeError):
+                self.choices = {}
+
+    def _save(self) -> None:
+        if self.path is None:
+            return
+        try:
+            from tumorseg.io import atomic_write
+
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                data = json.loads(self.path.read_text()) if self.path.is_file() else {}
+            except (OSError, ValueError):
+                data = {}
+            data[self.machine()] = self.choices
+            with atomic_write(self.path) as tmp:
+                tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+        except OSError:
+            pass  # a read-only home: the plan stays in memory
+
+    def choose(self, key: str, candidates: dict[str, Callable[[], object]]) -> str:
+        """The name of the fastest candidate for `key`; the first candidate is the reference and
+        another must beat it by MARGIN to be chosen (timing noise must not flip choices). Each
+        runs twice (warm-up: oneDNN primitives, FFT plans) the first time a key is seen."""
+        with self.lock:
+            self._load()
+            if key in self.choices and self.choices[key] in candidates:
+                return self.choices[key]
+        times = {}
+        for name, run in candidates.items():
+            run()
+            t0 = time.perf_counter()
+            run()
+            times[name] = time.perf_counter() - t0
+        reference = next(iter(times))
+        best = min(times, key=times.get)
+        if times[best] > times[reference] * (1 - MARGIN):
+            best = reference
+        with self.lock:
+            self.choices[key] = best
+            self.timings[key] = {n: round(t, 5) for n, t in times.items()}
+            self._save()
+        return best
+
+    def clear(self) -> None:
+        """Forget every choice (in memory and in the plan file for this machine)."""
+        with self.lock:
+            self._load()
+            self.choices, self.timings = {}, {}
+            self._save()
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+planner = Planner()
+
+
+def _key(op: str, x: torch.Tensor, channels: int, extra: tuple, grad: bool) -> str:
+    h, w = x.shape[-2:]
+    return f"{op}|{extra}|in {channels}|{_size_class(h)}x{_size_class(w)}|" \
+           f"{'grad' if grad else 'nograd'}|{x.dtype}|{x.device.type}"
+
+
+def conv2d(x: torch.Tensor | Sequence[torch.Tensor], weight: torch.Tensor,
+           bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Valid, stride-1 convolution, computed the way the engine chose for this call site.
+
+    x [B, C, H, W] float32, or a list of [B, C_i, H, W] that the convolution sees concatenated
+    along channels (the FFT path then skips the concatenation's copy); weight [O, C, k, l];
+    bias [O] or None -> [B, O, H-k+1, W-l+1].
+    """
+    opts = current()
+    first = x if isinstance(x, torch.Tensor) else x[0]
+    if opts.mode == "plain" or first.device.type != "cpu":
+        return conv_direct(x, weight, bias)
+    names = ["direct"]
+    if min(weight.shape[-2:]) >= FFT_MIN_KERNEL:
+        names.append("fft")
+    if opts.precision == "bf16":
+        names.append("direct_bf16")
+    if len(names) == 1:
+        return conv_direct(x, weight, bias)
+    xs = [x] if isinstance(x, torch.Tensor) else list(x)
+    grad = _needs_grad(*xs, weight, bias)
+    if grad:
+        x = _cat(xs)
+    key = _key("conv", first, weight.shape[1], tuple(weight.shape), grad) + f"|{opts.precision}"
+    args = (x, weight, bias)
+    choice = planner.choose(key, {n: _probe(CONV_CANDIDATES[n], args, grad) for n in names})
+    return CONV_CANDIDATES[choice](x, weight, bias)
+
+
+def _probe(fn: Callable, args: tuple, grad: bool) -> Callable[[], None]:
+    """A run of `fn` on the call's own arguments: forward, and backward under autograd."""
+    def run() -> None:
+        if not grad:
+            with torch.no_grad():
+                fn(*args)
+            return
+        leaves = [None if a is None else a.detach().clone().requires_grad_(a.requires_grad)
+                  for a in args]
+        y = fn(*leaves)
+        y.backward(torch.ones_like(y))
+    return run
+
+
+def max_pool(x: torch.Tensor, k: int) -> torch.Tensor:
+    """k x k max pooling with stride 1: [B, C, H, W] -> [B, C, H-k+1, W-k+1] (exact)."""
+    if current().mode == "plain" or x.device.type != "cpu" or k == 1:
+        return pool_nchw(x, k)
+    grad = _needs_grad(x)
+    key = _key("maxpool", x, x.shape[1], (k,), grad)
+    choice = planner.choose(key, {n: _probe(lambda t, f=f: f(t, k), (x,), grad)
+                                  for n, f in POOL_CANDIDATES.items()})
+    return POOL_CANDIDATES[choice](x, k)
