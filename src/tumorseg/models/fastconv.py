@@ -11,6 +11,8 @@ Convolution candidates:
 - "direct": oneDNN's convolution; under autograd its gradients are computed as forward
   convolutions (`_DirectConvFn`), which oneDNN runs an order of magnitude faster than its own
   backward for the 13x13 and 21x21 kernels;
+- "native" (under autograd only): oneDNN's convolution with its own backward, which wins for
+  3x3 kernels;
 - "fft": rfft2 of input and flipped kernel on a fast FFT size >= the input, the channel sum as
   one batched complex matmul over frequencies, irfft2, crop to the valid region
   (`_FFTConvFn`, backward in the frequency domain too). Offered for kernels >= FFT_MIN_KERNEL:
@@ -128,6 +130,12 @@ def conv_direct(x: torch.Tensor | Sequence[torch.Tensor], weight: torch.Tensor,
     return F.conv2d(x, weight, bias)
 
 
+def conv_native(x: torch.Tensor | Sequence[torch.Tensor], weight: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor:
+    """F.conv2d with autograd's own (oneDNN) backward: faster than `_DirectConvFn` for 3x3."""
+    return F.conv2d(_cat(x), weight, bias)
+
+
 def conv_direct_bf16(x: torch.Tensor | Sequence[torch.Tensor], weight: torch.Tensor,
                      bias: torch.Tensor | None) -> torch.Tensor:
     """`conv_direct` on bfloat16 copies of x and weight (bias added in fp32); fp32 out."""
@@ -237,8 +245,23 @@ def _irfft_valid(yf: torch.Tensor, nh: int, nw: int, rows: slice, cols: slice) -
     return torch.fft.irfft2(_spatial_major(yf, nh, nw // 2 + 1), s=(nh, nw))[..., rows, cols]
 
 
+def _irfft_corner(yf: torch.Tensor, nh: int, nw: int, k: int, l: int) -> torch.Tensor:
+    """irfft2(...)[..., :k, :l] of a frequency-major [nh*nf, A, B] spectrum -> [A, B, k, l]:
+    the inverse DFT along rows onto the k rows needed only (one matrix product), then irfft
+    along columns: k/nh of the transforms of a full irfft2."""
+    nf = nw // 2 + 1
+    f, a, b = yf.shape
+    phase = 2 * math.pi * torch.outer(torch.arange(k, dtype=torch.float64),
+                                      torch.arange(nh, dtype=torch.float64)) / nh
+    idft = torch.polar(torch.ones_like(phase), phase).to(yf.dtype).to(yf.device) / nh  # [k, nh]
+    rows = idft @ yf.view(nh, nf * a * b)  # [k, nf * A * B]
+    rows = rows.view(k, nf, a, b).permute(2, 3, 0, 1)  # [A, B, k, nf]
+    return torch.fft.irfft(rows, n=nw)[..., :l]  # irfft's 1/nw and idft's 1/nh: irfft2's norm
+
+
 class _FFTConvFn(torch.autograd.Function):
-    """Valid stride-1 conv2d through the FFT, forward and backward.
+    """Valid stride-1 conv2d through the FFT, forward and backward, of the channel
+    concatenation of xs (without materialising it).
 
     With grids nh >= H, nw >= W, the circular convolution of x with the flipped, zero-padded
     kernel equals the valid output on rows k-1..H-1 (wrap-around only reaches rows < k-1). The
@@ -249,39 +272,43 @@ class _FFTConvFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias):
-        h, w = x.shape[-2:]
+    def forward(ctx, weight, bias, *xs):
+        h, w = xs[0].shape[-2:]
         k, l = weight.shape[-2:]
         nh, nw = fft_size(h), fft_size(w)
-        xf = _freq_major(torch.fft.rfft2(x, s=(nh, nw)))  # [F, B, C]
+        xf = _freq_major(torch.fft.rfft2(_padded(xs, nh, nw)))  # [F, B, C]
         kf = _kernel_icols(weight, nh, nw)  # [F, 2C, O]
         y = _irfft_valid(_cmatmul(xf, kf), nh, nw, slice(k - 1, h), slice(l - 1, w))
         if bias is not None:
             y = y + bias.view(1, -1, 1, 1)
         ctx.save_for_backward(xf, kf)
-        ctx.geometry = (h, w, k, l, nh, nw)
+        ctx.geometry = (h, w, k, l, nh, nw, [x.shape[1] for x in xs])
         return y.contiguous()
 
     @staticmethod
     def backward(ctx, g):
         xf, kf = ctx.saved_tensors
-        h, w, k, l, nh, nw = ctx.geometry
+        h, w, k, l, nh, nw, splits = ctx.geometry
         gf = _freq_major(torch.fft.rfft2(F.pad(g, (l - 1, 0, k - 1, 0)), s=(nh, nw)))  # [F,B,O]
-        gx = gw = gb = None
-        if ctx.needs_input_grad[0]:
+        gw = gb = None
+        gxs = [None] * len(splits)
+        if any(ctx.needs_input_grad[2:]):
             f, c2, o = kf.shape
             kre, kim_neg = kf.view(f, c2 // 2, 2, o).unbind(2)  # re(K), -im(K): [F, C, O]
-            conj_kt = torch.stack([kre.transpose(1, 2), kim_neg.transpose(1, 2).neg()], 2)
             # _icols(conj(K)^T): rows re(K)^T, -im(conj K)^T = im(K)^T
+            conj_kt = torch.stack([kre.transpose(1, 2), kim_neg.transpose(1, 2).neg()], 2)
             gx = _cmatmul(gf, conj_kt.reshape(f, 2 * o, c2 // 2))  # [F, B, C]
-            gx = _irfft_valid(gx, nh, nw, slice(0, h), slice(0, w))
+            gxs = list(_irfft_valid(gx, nh, nw, slice(0, h), slice(0, w)).split(splits, 1))
+        if ctx.needs_input_grad[0]:
+            # (sum_b conj(X) G)^T = G^T conj(X): the small operand G^T is the one _cmatmul
+            # doubles, and _icols(conj X) = [re X; im X] is a plain copy of X.
+            f, b, c = xf.shape
+            conj_x = torch.stack([xf.real, xf.imag], 2).view(f, 2 * b, c)
+            gw = _cmatmul(gf.transpose(1, 2), conj_x)  # [F, O, C]
+            gw = _irfft_corner(gw, nh, nw, k, l).flip(-2, -1)  # [O, C, k, l]
         if ctx.needs_input_grad[1]:
-            gw = _cmatmul(xf.transpose(1, 2).conj(), _icols(gf))  # [F, C, O]
-            gw = _irfft_valid(gw, nh, nw, slice(0, k), slice(0, l))
-            gw = gw.transpose(0, 1).flip(-2, -1)  # [O, C, k, l]
-        if ctx.needs_input_grad[2]:
             gb = g.sum((0, 2, 3))
-        return gx, gw, gb
+        return (gw, gb, *gxs)
 
 
 def _padded(xs: Sequence[torch.Tensor], nh: int, nw: int) -> torch.Tensor:
@@ -308,7 +335,7 @@ def conv_fft(x: torch.Tensor | Sequence[torch.Tensor], weight: torch.Tensor,
     """
     xs = [x] if isinstance(x, torch.Tensor) else list(x)
     if _needs_grad(*xs, weight, bias):
-        return _FFTConvFn.apply(_cat(xs), weight, bias)
+        return _FFTConvFn.apply(weight, bias, *xs)
     h, w = xs[0].shape[-2:]
     k, l = weight.shape[-2:]
     nh, nw = fft_size(h), fft_size(w)
@@ -348,11 +375,43 @@ def pool_shifted(x: torch.Tensor, k: int) -> torch.Tensor:
     return x
 
 
+class _Maxout2Fn(torch.autograd.Function):
+    """Max over 2 maxout pieces, [B, C, 2, H, W] -> [B, C, H, W], with the gradient of amax
+    (ties split evenly) in three elementwise passes instead of amax's mask, count and divide."""
+
+    @staticmethod
+    def forward(ctx, z):
+        a, b = z.unbind(2)
+        ctx.save_for_backward(z)
+        return torch.maximum(a, b)
+
+    @staticmethod
+    def backward(ctx, g):
+        (z,) = ctx.saved_tensors
+        a, b = z.unbind(2)
+        out = g.new_empty(z.shape)
+        # (sign(a - b) + 1) / 2: 1 where a wins, 0 where b wins, 1/2 on ties (heaviside gives
+        # the same, 4x slower); g - g/2 is exact.
+        torch.mul(g, torch.sign(a - b).add_(1).mul_(0.5), out=out[:, :, 0])
+        torch.sub(g, out[:, :, 0], out=out[:, :, 1])
+        return out
+
+
+def maxout(z: torch.Tensor, pieces: int) -> torch.Tensor:
+    """Max over groups of `pieces` channels: [B, C*K, H, W] -> [B, C, H, W], channel c*K + k
+    being piece k of map c; the gradient of a tie is split evenly (as amax's)."""
+    b, ck, h, w = z.shape
+    z = z.view(b, ck // pieces, pieces, h, w)
+    if pieces == 2 and current().mode != "plain" and _needs_grad(z):
+        return _Maxout2Fn.apply(z)
+    return z.amax(dim=2)
+
+
 # ---------------------------------------------------------------------------------------------
 # Choosing by measurement.
 
-CONV_CANDIDATES: dict[str, Callable] = {"direct": conv_direct, "fft": conv_fft,
-                                        "direct_bf16": conv_direct_bf16}
+CONV_CANDIDATES: dict[str, Callable] = {"direct": conv_direct, "native": conv_native,
+                                        "fft": conv_fft, "direct_bf16": conv_direct_bf16}
 POOL_CANDIDATES: dict[str, Callable] = {"nchw": pool_nchw, "channels_last": pool_channels_last,
                                         "shifted": pool_shifted}
 
@@ -475,21 +534,21 @@ def conv2d(x: torch.Tensor | Sequence[torch.Tensor], weight: torch.Tensor,
     first = x if isinstance(x, torch.Tensor) else x[0]
     if opts.mode == "plain" or first.device.type != "cpu":
         return conv_direct(x, weight, bias)
+    xs = [x] if isinstance(x, torch.Tensor) else list(x)
+    grad = _needs_grad(*xs, weight, bias)
     names = ["direct"]
+    if grad:
+        names.append("native")
     if min(weight.shape[-2:]) >= FFT_MIN_KERNEL:
         names.append("fft")
     if opts.precision == "bf16":
         names.append("direct_bf16")
     if len(names) == 1:
         return conv_direct(x, weight, bias)
-    xs = [x] if isinstance(x, torch.Tensor) else list(x)
-    grad = _needs_grad(*xs, weight, bias)
-    if grad:
-        x = _cat(xs)
     key = _key("conv", first, weight.shape[1], tuple(weight.shape), grad) + f"|{opts.precision}"
-    args = (x, weight, bias)
+    args = (xs, weight, bias)
     choice = planner.choose(key, {n: _probe(CONV_CANDIDATES[n], args, grad) for n in names})
-    return CONV_CANDIDATES[choice](x, weight, bias)
+    return CONV_CANDIDATES[choice](xs, weight, bias)
 
 
 def _probe(fn: Callable, args: tuple, grad: bool) -> Callable[[], None]:
@@ -499,8 +558,14 @@ def _probe(fn: Callable, args: tuple, grad: bool) -> Callable[[], None]:
             with torch.no_grad():
                 fn(*args)
             return
-        leaves = [None if a is None else a.detach().clone().requires_grad_(a.requires_grad)
-                  for a in args]
+        def leaf(a):
+            if a is None or isinstance(a, (int, float)):
+                return a
+            if not isinstance(a, torch.Tensor):
+                return [leaf(t) for t in a]
+            return a.detach().clone().requires_grad_(a.requires_grad)
+
+        leaves = [leaf(a) for a in args]
         y = fn(*leaves)
         y.backward(torch.ones_like(y))
     return run

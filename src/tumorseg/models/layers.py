@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from tumorseg.models import fastconv
@@ -35,6 +36,29 @@ class MaxPool(nn.Module):
         return f"kernel={self.kernel}, stride=1"
 
 
+class ConcatDropout(nn.Module):
+    """nn.Dropout of the channel concatenation of a list of maps, returned as the list of its
+    parts (the concatenation is never materialised). Bitwise equal to
+    F.dropout(torch.cat(xs, 1)) split back: the same noise tensor, drawn in one call."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        if not self.training or self.p == 0:
+            return list(xs)
+        if fastconv.current().mode == "plain":  # the reference: what the model did before
+            return [F.dropout(torch.cat(list(xs), 1), self.p, True)]
+        b, _, h, w = xs[0].shape
+        noise = xs[0].new_empty(b, sum(x.shape[1] for x in xs), h, w).bernoulli_(1 - self.p)
+        noise.div_(1 - self.p)
+        return [x * n for x, n in zip(xs, noise.split([x.shape[1] for x in xs], 1))]
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
 class MaxoutConv2d(nn.Module):
     """A 'valid' convolution to `out_channels * pieces` maps, then the max over each group of K.
 
@@ -51,14 +75,7 @@ class MaxoutConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.norm(self.conv(x))  # [B, C_out*K, H', W']
-        b, _, h, w = z.shape
-        # Channel c*K + k is piece k of map c. Elementwise maxima are several times faster than
-        # amax's reduction kernel; both are exact and split the gradient of ties evenly.
-        pieces = z.view(b, self.out_channels, self.pieces, h, w).unbind(2)
-        out = pieces[0]
-        for p in pieces[1:]:
-            out = torch.maximum(out, p)
-        return out
+        return fastconv.maxout(z, self.pieces)  # channel c*K + k is piece k of map c
 
     @property
     def paper_weights(self) -> int:

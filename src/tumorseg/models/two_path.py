@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tumorseg.models.layers import MaxoutConv2d, MaxPool, ValidConv2d
+from tumorseg.models.layers import ConcatDropout, MaxoutConv2d, MaxPool, ValidConv2d
 
 N_CLASSES = 5
 # (kernel, pool) per local layer, the global kernel and the output kernel: the whole geometry.
@@ -83,7 +83,7 @@ class TwoPathCNN(nn.Module):
             self.global1 = MaxoutConv2d(cfg.in_channels, cfg.global_maps, GLOBAL_KERNEL, cfg.pieces,
                                         cfg.batchnorm)
             features += cfg.global_maps
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = ConcatDropout(cfg.dropout)
         self.head = ValidConv2d(features, N_CLASSES, HEAD_KERNEL)
         if cfg.init == "paper":
             self._paper_init()
@@ -109,9 +109,8 @@ class TwoPathCNN(nn.Module):
             feats.append(self.global1(x))  # [B, 160, S-12, S'-12]
         if self.cfg.head_extra:
             feats.append(extra)  # [B, 5, S-12, S'-12]
-        if self.training and self.cfg.dropout > 0:
-            feats = [self.dropout(torch.cat(feats, 1))]  # [B, 224 (+5), S-12, S'-12]
-        return self.head(feats)  # convolves the channel concatenation: [B, 5, S-32, S'-32]
+        # The head convolves the channel concatenation [B, 224 (+5), S-12, S'-12] of the list.
+        return self.head(self.dropout(feats))  # [B, 5, S-32, S'-32]
 
     @property
     def params_paper(self) -> int:
