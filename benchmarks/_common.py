@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import platform
 
 import torch
+
+from tumorseg.models.fastconv import cpu_name
 
 
 def machine_meta(note: str) -> dict:
@@ -12,5 +15,6 @@ def machine_meta(note: str) -> dict:
     return {
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "mkldnn": torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled,
-        "cpu": platform.processor() or platform.machine(), "note": note,
+        "cpu": cpu_name(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
+        "note": note,
     }

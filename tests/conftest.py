@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
+
+# The engine's measured choices go to a plan file of this test session, not the user's cache.
+os.environ.setdefault("TUMORSEG_ENGINE_PLAN",
+                      str(Path(tempfile.mkdtemp(prefix="tumorseg-plan-")) / "plan.json"))
 
 import nibabel as nib
 import numpy as np

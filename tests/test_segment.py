@@ -33,7 +33,8 @@ from tumorseg.models import build_model, dense_padding
 from tumorseg.phantom import make_phantom, write_phantom
 from tumorseg.postprocess import PostprocessConfig
 from tumorseg.preprocess import PreprocessSettings, preprocess_case
-from tumorseg.segment import files_case, segment_case, segment_cases, select_part
+from tumorseg.segment import (SegmentOptions, files_case, segment_case, segment_cases,
+                              select_part)
 
 # Phantom tumours are ~2500 voxels with ~200 enhancing: thresholds that keep a correct answer.
 SMALL_POST = PostprocessConfig(min_component_voxels=100, min_enhancing_voxels=20)
@@ -42,10 +43,11 @@ SETTINGS = PreprocessSettings()
 
 
 class OracleModel(torch.nn.Module):
-    """Answers each zero-padded slice with large one-hot logits of its ground truth.
+    """Answers each zero-padded window with large one-hot logits of its ground truth.
 
-    It knows the preprocessed image and canonical labels of some cases and recognises a slice
-    by exact equality of the unpadded centre with one of their axial slices.
+    It knows the preprocessed image and canonical labels of some cases and recognises a window
+    (inference runs each slice's brain box) by exact equality of its unpadded centre with a
+    region of one of their axial slices.
     """
 
     receptive_field = patch_size = 33
@@ -61,15 +63,19 @@ class OracleModel(torch.nn.Module):
                                    torch.from_numpy(pre.label[..., z].astype(np.int64))))
         self.calls = 0
 
+    def _find(self, window: torch.Tensor) -> torch.Tensor:
+        sx, sy = window.shape[-2:]
+        for img, lab in self.known:
+            for x0, y0 in torch.nonzero(img[0] == window[0, 0, 0]).tolist():
+                if torch.equal(img[:, x0:x0 + sx, y0:y0 + sy], window):
+                    return lab[x0:x0 + sx, y0:y0 + sy]
+        raise AssertionError("oracle: window not found among the known cases")
+
     def forward(self, x):
         before, after = dense_padding(self.receptive_field)
         centre = x[:, :, before:x.shape[2] - after, before:x.shape[3] - after]
-        out = []
-        for sl in centre:
-            hits = [lab for img, lab in self.known
-                    if img.shape == sl.shape and torch.equal(img, sl)]
-            assert hits, "oracle: slice not found among the known cases"
-            out.append(torch.nn.functional.one_hot(hits[0], N_CLASSES).permute(2, 0, 1) * 50.0)
+        out = [torch.nn.functional.one_hot(self._find(w), N_CLASSES).permute(2, 0, 1) * 50.0
+               for w in centre]
         self.calls += 1
         return torch.stack(out).float()
 
@@ -126,7 +132,7 @@ def test_oracle_output_equals_reference_and_dice_is_one(tmp_path, phantom_small,
     write_phantom(phantom_small, root, layout)
     (case,) = find_cases(root)
     out = tmp_path / "out"
-    results, failures = segment_cases(oracle([case]), [case], out, postprocess=SMALL_POST)
+    results, failures = segment_cases(oracle([case]), [case], out, SegmentOptions(postprocess=SMALL_POST))
     assert failures == []
     (res,) = results
     label_path = Path(res["labels"])
@@ -153,8 +159,8 @@ def test_output_convention_and_format_can_be_chosen(tmp_path, phantom_small):
     root = tmp_path / "data"
     write_phantom(phantom_small, root, "brats2017")
     (case,) = find_cases(root)
-    (res,), _ = segment_cases(oracle([case]), [case], tmp_path / "out", convention="brats2023",
-                              output_format="mha", postprocess=SMALL_POST)
+    (res,), _ = segment_cases(oracle([case]), [case], tmp_path / "out", SegmentOptions(
+        convention="brats2023", output_format="mha", postprocess=SMALL_POST))
     img = sitk.ReadImage(res["labels"])
     data = np.transpose(sitk.GetArrayFromImage(img), (2, 1, 0))
     np.testing.assert_array_equal(data, get_convention("brats2023").decode(phantom_small.label))
@@ -166,8 +172,8 @@ def test_probabilities_and_overlay(tmp_path, phantom_small):
     root = tmp_path / "data"
     write_phantom(phantom_small, root, "brats2017")
     (case,) = find_cases(root)
-    res = segment_case(*oracle([case]), case, tmp_path / "out", probabilities=True, overlay=True,
-                       postprocess=PostprocessConfig(enabled=False))
+    res = segment_case(*oracle([case]), case, tmp_path / "out", SegmentOptions(
+        probabilities=True, overlay=True, postprocess=PostprocessConfig(enabled=False)))
     img = nib.load(res["probabilities"])
     probs = np.asarray(img.dataobj)
     assert probs.shape == SMALL_SHAPE + (N_CLASSES,) and probs.dtype == np.float32
@@ -247,18 +253,18 @@ def test_continue_skips_complete_cases_only(tmp_path):
     cases = find_cases(root)
     model, meta = oracle(cases)
     out = tmp_path / "out"
-    segment_cases((model, meta), cases[:1], out, postprocess=SMALL_POST)
+    segment_cases((model, meta), cases[:1], out, SegmentOptions(postprocess=SMALL_POST))
     calls = model.calls
     logged = []
-    results, _ = segment_cases((model, meta), cases, out, continue_=True, postprocess=SMALL_POST,
-                               log=logged.append)
+    results, _ = segment_cases((model, meta), cases, out, SegmentOptions(postprocess=SMALL_POST),
+                               continue_=True, log=logged.append)
     assert [r["case_id"] for r in results] == ["c_b"]
     assert [line.split(":")[0] for line in logged] == ["case c_a", "case c_b"]
     assert "skipped" in logged[0]
     assert model.calls > calls
     # Asking for a further output makes a case incomplete again.
-    results, _ = segment_cases((model, meta), cases, out, continue_=True, overlay=True,
-                               postprocess=SMALL_POST)
+    results, _ = segment_cases((model, meta), cases, out, SegmentOptions(
+        overlay=True, postprocess=SMALL_POST), continue_=True)
     assert [r["case_id"] for r in results] == ["c_a", "c_b"]
 
 
@@ -272,7 +278,8 @@ def test_explicit_files_case_id_and_run(tmp_path, phantom_small):
     assert files_case("a/x-t1n.nii", "a/x-t1c.nii", "a/x-t2w.nii", "a/x-t2f.nii").case_id == "x"
     assert files_case("a/t1.mha", "b/c.mha", "d.mha", "e.mha").case_id == "t1"
     (ref_case,) = find_cases(folder)
-    (res,), _ = segment_cases(oracle([ref_case]), [case], tmp_path / "out", postprocess=SMALL_POST)
+    (res,), _ = segment_cases(oracle([ref_case]), [case], tmp_path / "out",
+                              SegmentOptions(postprocess=SMALL_POST))
     _assert_same_file(Path(res["labels"]), ref_case.label)
 
 

@@ -463,3 +463,22 @@ def test_tiny_training_beats_the_untrained_model_on_real_cases(shared_data, tmp_
         scores[name] = validate(model, val, 8, "cpu")
     print(json.dumps({"steps": steps, **scores}))
     assert scores["trained"]["whole"] > scores["untrained"]["whole"] + 0.05, scores
+
+
+def test_engine_losses_equal_the_plain_path(phantoms, tmp_path):
+    """A seeded run of the tiny config (dropout, SGD with momentum, gradient clipping; tiles of
+    24, batches of 4): the losses the run logs in its first 50 steps equal those of the plain
+    path (direct fp32 convolutions, as before the engine) within 1e-3 relative."""
+    root, cache = phantoms
+    losses = {}
+    for engine in ("plain", "auto"):
+        extra = ["threads=2", 'data.val=["ph2"]', "data.val_slices=2",
+                 f'data.cache_dir="{cache}"', "phase1.epochs=1", "phase1.steps_per_epoch=50",
+                 "phase2.epochs=0", 'model_options={init = "default", dropout = 0.3}',
+                 f'engine="{engine}"']
+        run_train(root, tmp_path / engine, extra)
+        rows = [json.loads(line) for line in (tmp_path / engine / "metrics.jsonl").open()]
+        losses[engine] = np.array([r["loss"] for r in rows if "loss" in r and r["step"] <= 50])
+    assert len(losses["plain"]) >= 5 and len(losses["auto"]) == len(losses["plain"])
+    rel = np.abs(losses["auto"] - losses["plain"]) / np.abs(losses["plain"])
+    assert rel.max() < 1e-3, f"largest relative loss difference {rel.max():.2e}"

@@ -18,7 +18,7 @@ from tumorseg.datasets import find_cases
 from tumorseg.evaluate import evaluate_folder
 from tumorseg.phantom import make_phantom, write_phantom
 from tumorseg.postprocess import PostprocessConfig
-from tumorseg.segment import segment_cases
+from tumorseg.segment import SegmentOptions, segment_cases
 from tumorseg.train import DataConfig, PhaseConfig, TrainConfig, train
 from tumorseg.weights import RELEASED, resolve_model
 
@@ -66,8 +66,8 @@ def run_demo(out: str | Path = "tumorseg_demo", progress: bool = True, log=print
             log(f"    released {name}: not available ({exc})")
     for label, spec in models.items():
         pred_dir = out / f"pred_{label}"
-        segment_cases(spec, cases, pred_dir, overlay=True, postprocess=DEMO_POSTPROCESS,
-                      progress=progress)
+        segment_cases(spec, cases, pred_dir, SegmentOptions(
+            overlay=True, postprocess=DEMO_POSTPROCESS, progress=progress))
         rows, _ = evaluate_folder(pred_dir, test)
         tables[label] = metrics.summarize(rows)
         metrics.write_csv(rows, pred_dir / "metrics.csv")

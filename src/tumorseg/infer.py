@@ -155,8 +155,8 @@ def _argmax_classes(probs: torch.Tensor) -> torch.Tensor:
 
 def predict_labels(model: torch.nn.Module, image: np.ndarray, mask: np.ndarray | None = None,
                    batch_size: int = BATCH_SIZE, device: str | torch.device = "cpu",
-                   probabilities: bool = False, progress: bool = False, desc: str = "slices"
-                   ) -> tuple[np.ndarray, np.ndarray | None]:
+                   probabilities: bool = False, progress: bool = False, desc: str = "slices",
+                   crop_slices: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
     """Argmax labels (and optionally probabilities) of a preprocessed volume.
 
     image: (4, X, Y, Z) float32 preprocessed; mask: (X, Y, Z) bool brain, or None (every pixel).
@@ -164,6 +164,9 @@ def predict_labels(model: torch.nn.Module, image: np.ndarray, mask: np.ndarray |
     margin: inside the box every label is exactly `predict_volume(...).argmax(0)` (the box's
     input window holds every pixel its outputs see). Outside the boxes, and on slices without
     brain, labels are 0 and probabilities (1, 0, 0, 0, 0).
+
+    crop_slices=False runs whole slices (those with brain) instead: the behaviour before the
+    boxes, kept as the benchmarks' control.
 
     Returns (labels (X, Y, Z) uint8 canonical classes, probabilities (X, Y, Z, 5) float16 or
     None). Memory: the outputs plus one batch of boxes.
@@ -173,7 +176,10 @@ def predict_labels(model: torch.nn.Module, image: np.ndarray, mask: np.ndarray |
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     shape = image.shape[1:]
-    boxes = slice_boxes(np.ones(shape, bool) if mask is None else mask)
+    full = np.ones(shape, bool)
+    if mask is not None and not crop_slices:
+        full[..., ~mask.any(axis=(0, 1))] = False
+    boxes = slice_boxes(full if mask is None or not crop_slices else mask)
     labels = np.zeros(shape, np.uint8)
     probs_out = None
     if probabilities:

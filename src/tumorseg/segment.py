@@ -34,7 +34,9 @@ their case is segmented again.
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -48,6 +50,8 @@ from tumorseg.infer import BATCH_SIZE, predict_labels, resolve_device
 from tumorseg.labels import CLASS_NAMES, get_convention
 from tumorseg import postprocess as pp
 from tumorseg.postprocess import PostprocessConfig
+from tumorseg.models import fastconv
+from tumorseg.models.fastconv import EngineOptions
 from tumorseg.preprocess import PreprocessSettings, preprocess_case
 
 OUTPUT_FORMATS = ("nii.gz", "mha")
@@ -89,50 +93,110 @@ def _remove_stale_temporaries(paths: dict[str, Path]) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def segment_case(
-    model: torch.nn.Module,
-    meta: dict,
-    case: Case,
-    out_dir: str | Path,
-    *,
-    convention: str | None = None,
-    postprocess: PostprocessConfig = PostprocessConfig(),
-    probabilities: bool = False,
-    overlay: bool = False,
-    output_format: str | None = None,
-    batch_size: int = BATCH_SIZE,
-    device: str | torch.device = "cpu",
-    progress: bool = False,
-) -> dict:
-    """Segment one case and write its outputs (see the module docstring) into `out_dir`.
+@dataclass(frozen=True)
+class SegmentOptions:
+    """How cases are segmented and what is written (the CLI's `segment` options).
 
-    model, meta: as tumorseg.checkpoint.load_model returns them; meta["preprocess"] holds the
-        preprocessing settings the model was trained with.
-    convention: label convention of the output file; None = the case's own.
-    Returns {"case_id", "labels", "probabilities", "overlay" (paths as str, or None),
-    "convention", "seconds", "voxels" ({canonical class name: count} over the whole output volume),
-    "postprocess_changed" (voxels post-processing changed)}.
-    Raises TumorsegInputError for a bad case (one line, naming the file).
+    convention: label convention of the output files; None = each case's own.
+    batch_size: axial slice boxes per forward pass (bounds memory; see tumorseg.infer).
+    precision: "fp32" (default) or "bf16" (opt-in bfloat16 convolutions; docs/PERFORMANCE.md).
+    engine: "auto" (fastest layer implementations, measured; models.fastconv) or "plain"
+        (direct fp32 convolutions: the reference).
+    prefetch: read and preprocess the next case in a background thread during inference.
+    crop_slices: run each slice's brain box only (False: whole slices, the control of
+        benchmarks/segment_case.py; same labels, slower).
     """
-    t0 = time.perf_counter()
-    out_dir = Path(out_dir)
-    conv = get_convention(convention or case.convention)
-    paths = output_paths(case, out_dir, output_format, probabilities, overlay)
+
+    convention: str | None = None
+    postprocess: PostprocessConfig = PostprocessConfig()
+    probabilities: bool = False
+    overlay: bool = False
+    output_format: str | None = None
+    batch_size: int = BATCH_SIZE
+    device: str = "cpu"
+    precision: str = "fp32"
+    engine: str = "auto"
+    progress: bool = False
+    prefetch: bool = True
+    crop_slices: bool = True
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise TumorsegInputError("--batch-size", f"must be >= 1, got {self.batch_size}")
+        try:
+            self.engine_options()
+        except ValueError as exc:
+            raise TumorsegInputError("--precision/--engine", str(exc)) from None
+
+    def engine_options(self) -> EngineOptions:
+        return EngineOptions(mode=self.engine, precision=self.precision)
+
+    def outputs(self) -> dict:
+        return {"output_format": self.output_format, "probabilities": self.probabilities,
+                "overlay": self.overlay}
+
+
+@dataclass
+class Prepared:
+    """A case read and preprocessed, ready for inference (`prepare_case`)."""
+
+    case: Case
+    loaded: object  # datasets.LoadedCase, without its raw image
+    pre: object  # preprocess.Preprocessed
+    seconds: dict
+
+
+def prepare_case(case: Case, meta: dict) -> Prepared:
+    """Read a case and preprocess it with the settings stored in the model file.
+
+    meta: as tumorseg.checkpoint.load_model returns it. Raises TumorsegInputError for a bad
+    case or a model file without preprocessing settings.
+    """
     if "preprocess" not in meta:
         raise TumorsegInputError(meta.get("path"), "the model file holds no preprocessing "
                                  "settings: was it written by tumorseg train?")
     settings = PreprocessSettings.from_dict(meta["preprocess"])
-
+    t0 = time.perf_counter()
     loaded = load_case(case)
+    t1 = time.perf_counter()
     pre = preprocess_case(loaded, settings)
     loaded.image = None  # the raw (4, x, y, z) float32 image is not needed now: ~140 MB on BraTS
-    labels, probs = predict_labels(model, pre.image, pre.mask, batch_size=batch_size,
-                                   device=device, probabilities=probabilities, progress=progress,
-                                   desc=case.case_id)
+    t2 = time.perf_counter()
+    return Prepared(case, loaded, pre, {"read": t1 - t0, "preprocess": t2 - t1})
+
+
+def segment_case(model: torch.nn.Module, meta: dict, case: Case | Prepared, out_dir: str | Path,
+                 options: SegmentOptions = SegmentOptions()) -> dict:
+    """Segment one case and write its outputs (see the module docstring) into `out_dir`.
+
+    model, meta: as tumorseg.checkpoint.load_model returns them; meta["preprocess"] holds the
+        preprocessing settings the model was trained with.
+    case: a Case, or a Prepared one (`prepare_case`, e.g. from a background thread).
+    Returns {"case_id", "labels", "probabilities", "overlay" (paths as str, or None),
+    "convention", "seconds", "stages" (seconds of read, preprocess, infer, postprocess,
+    write), "voxels" ({canonical class name: count} over the whole output volume),
+    "postprocess_changed" (voxels post-processing changed)}.
+    Raises TumorsegInputError for a bad case (one line, naming the file).
+    """
+    prepared = case if isinstance(case, Prepared) else prepare_case(case, meta)
+    case, loaded, pre = prepared.case, prepared.loaded, prepared.pre
+    stages = dict(prepared.seconds)
+    out_dir = Path(out_dir)
+    conv = get_convention(options.convention or case.convention)
+    paths = output_paths(case, out_dir, **options.outputs())
+
+    t1 = time.perf_counter()
+    with fastconv.options(options.engine_options()):
+        labels, probs = predict_labels(model, pre.image, pre.mask, batch_size=options.batch_size,
+                                       device=options.device, probabilities=options.probabilities,
+                                       progress=options.progress, desc=case.case_id,
+                                       crop_slices=options.crop_slices)
+    t2 = time.perf_counter()
     labels[~pre.mask] = 0
-    final = pp.postprocess(labels, postprocess)
+    final = pp.postprocess(labels, options.postprocess)
     changed = int(np.count_nonzero(final != labels))
     del labels
+    t3 = time.perf_counter()
 
     _remove_stale_temporaries(paths)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -145,7 +209,7 @@ def segment_case(
         del probs
         io.write_volume(paths["probabilities"], full, reference)
         del full
-    if overlay:
+    if options.overlay:
         report.overlay_png(paths["overlay"], pre.image, final, case.case_id,
                            reference=pre.label, affine=reference.affine,
                            title=f"model {meta.get('released') or meta.get('model', '?')}")
@@ -153,13 +217,16 @@ def segment_case(
     counts = np.bincount(canonical.ravel(), minlength=len(CLASS_NAMES))
     out = conv.decode(canonical)
     io.write_volume(paths["labels"], out, reference)  # last: its existence marks the case done
+    t4 = time.perf_counter()
+    stages.update(infer=t2 - t1, postprocess=t3 - t2, write=t4 - t3)
     return {
         "case_id": case.case_id,
         "labels": str(paths["labels"]),
-        "probabilities": str(paths["probabilities"]) if probabilities else None,
-        "overlay": str(paths["overlay"]) if overlay else None,
+        "probabilities": str(paths["probabilities"]) if options.probabilities else None,
+        "overlay": str(paths["overlay"]) if options.overlay else None,
         "convention": conv.name,
-        "seconds": round(time.perf_counter() - t0, 3),
+        "seconds": round(sum(stages.values()), 3),
+        "stages": {k: round(v, 3) for k, v in stages.items()},
         "voxels": {name: int(n) for name, n in zip(CLASS_NAMES, counts)},
         "postprocess_changed": changed,
     }
@@ -184,24 +251,10 @@ def select_part(cases: Sequence[Case], num_parts: int = 1, part_id: int = 0) -> 
     return sorted(cases, key=lambda c: c.case_id)[part_id::num_parts]
 
 
-def segment_cases(
-    model_spec,
-    cases: Sequence[Case],
-    out_dir: str | Path,
-    *,
-    continue_: bool = False,
-    num_parts: int = 1,
-    part_id: int = 0,
-    convention: str | None = None,
-    postprocess: PostprocessConfig = PostprocessConfig(),
-    probabilities: bool = False,
-    overlay: bool = False,
-    output_format: str | None = None,
-    batch_size: int = BATCH_SIZE,
-    device: str = "cpu",
-    progress: bool = False,
-    log=None,
-) -> tuple[list[dict], list[tuple[str, str]]]:
+def segment_cases(model_spec, cases: Sequence[Case], out_dir: str | Path,
+                  options: SegmentOptions = SegmentOptions(), *, continue_: bool = False,
+                  num_parts: int = 1, part_id: int = 0, log=None
+                  ) -> tuple[list[dict], list[tuple[str, str]]]:
     """Segment a batch of cases into `out_dir`.
 
     model_spec: `--model` (a released name, a model file path, or None for the default; see
@@ -209,47 +262,61 @@ def segment_cases(
     cases: all cases; this process takes `select_part(cases, num_parts, part_id)`.
     continue_: skip cases whose outputs are complete (`is_complete`).
     log: optional callable(str) told about each case done or skipped by `continue_`.
+    With options.prefetch, the next case is read and preprocessed in a background thread while
+    the current one is inferred (reading is I/O and zlib, which release the GIL), so a batch
+    runs at inference speed.
     Returns (results of the cases segmented now, [(case_id, one-line reason)] of the cases that
     failed with bad input). Other errors propagate.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm import tqdm
 
-    if batch_size < 1:
-        raise TumorsegInputError("--batch-size", f"must be >= 1, got {batch_size}")
     mine = select_part(cases, num_parts, part_id)
-    outputs = {"output_format": output_format, "probabilities": probabilities,
-               "overlay": overlay}
     for case in mine:  # validates the format and conventions before any work
-        output_paths(case, out_dir, **outputs)
-        get_convention(convention or case.convention)
-    device = resolve_device(device)
+        output_paths(case, out_dir, **options.outputs())
+        get_convention(options.convention or case.convention)
+    device = resolve_device(options.device)
+    options = dataclasses.replace(options, device=device)
     model, meta = _load(model_spec, device)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name in sorted({convention or c.convention for c in mine}):
+    for name in sorted({options.convention or c.convention for c in mine}):
         report.write_colour_tables(out_dir, name)
 
-    results: list[dict] = []
-    failures: list[tuple[str, str]] = []
-    bar = tqdm(mine, desc="cases", unit="case", disable=not progress)
-    for case in bar:
-        if continue_ and is_complete(case, out_dir, **outputs):
+    todo = []
+    for case in mine:
+        if continue_ and is_complete(case, out_dir, **options.outputs()):
             if log:
                 log(f"case {case.case_id}: output exists, skipped (--continue)")
-            continue
-        try:
-            result = segment_case(
-                model, meta, case, out_dir, convention=convention,
-                postprocess=postprocess, probabilities=probabilities, overlay=overlay,
-                output_format=output_format, batch_size=batch_size, device=device,
-                progress=progress)
-        except TumorsegInputError as exc:
-            failures.append((case.case_id, str(exc)))
-            continue
-        results.append(result)
-        if log:
-            log(f"case {case.case_id}: {result['labels']} ({result['seconds']:.1f} s)")
-    bar.close()
+        else:
+            todo.append(case)
+    results: list[dict] = []
+    failures: list[tuple[str, str]] = []
+    pool = ThreadPoolExecutor(1, thread_name_prefix="tumorseg-prefetch") if options.prefetch \
+        else None
+    submit = (lambda c: pool.submit(prepare_case, c, meta)) if pool else None
+    pending = submit(todo[0]) if pool and todo else None  # the Future of case i
+    try:
+        for i, case in enumerate(tqdm(todo, desc="cases", unit="case",
+                                      disable=not options.progress)):
+            try:
+                if pool:  # queue the next case before waiting for this one
+                    future = pending
+                    pending = submit(todo[i + 1]) if i + 1 < len(todo) else None
+                    current = future.result()
+                else:
+                    current = case
+                result = segment_case(model, meta, current, out_dir, options)
+            except TumorsegInputError as exc:
+                failures.append((case.case_id, str(exc)))
+                continue
+            results.append(result)
+            if log:
+                log(f"case {case.case_id}: {result['labels']} ({result['seconds']:.1f} s)")
+    finally:
+        if pool:
+            pool.shutdown(wait=True, cancel_futures=True)
     return results, failures
 
 

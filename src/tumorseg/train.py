@@ -32,7 +32,8 @@ from tumorseg.config import to_dict
 from tumorseg.errors import TumorsegInputError
 from tumorseg.io import atomic_write
 from tumorseg.labels import CANONICAL_REGIONS
-from tumorseg.models import Cascade, build_model
+from tumorseg.models import Cascade, build_model, fastconv
+from tumorseg.models.fastconv import EngineOptions
 from tumorseg.preprocess import PreprocessSettings
 from tumorseg.sampling import SAMPLING_MODES, Sampler, class_frequencies, prepare
 
@@ -94,6 +95,11 @@ class TrainConfig:
     checkpoint_every: int = 50  # steps
     threads: int = 0  # torch CPU threads; 0 = torch's default
     workers: int = 1  # preprocessing processes
+    precision: str = "fp32"  # "bf16": bfloat16 convolutions where they measure faster (opt-in)
+    engine: str = "auto"  # "plain": direct fp32 convolutions (the reference; models.fastconv)
+
+    def __post_init__(self):
+        EngineOptions(mode=self.engine, precision=self.precision)  # raises ValueError if bad
 
 
 class Interrupted(Exception):
@@ -180,8 +186,15 @@ def train(cfg: TrainConfig, data_root: str | Path, run_dir: str | Path, resume: 
 
     Writes config.json, metrics.jsonl, checkpoint.pt (atomic, every `checkpoint_every` steps and
     at each phase end), model.pt (final weights + preprocessing + convention) and summary.json.
+    Layers are computed as `cfg.engine` and `cfg.precision` say (models.fastconv).
     Returns the summary.
     """
+    with fastconv.options(EngineOptions(mode=cfg.engine, precision=cfg.precision)):
+        return _train(cfg, data_root, run_dir, resume, device, progress, log)
+
+
+def _train(cfg: TrainConfig, data_root: str | Path, run_dir: str | Path, resume: bool,
+           device: str, progress: bool, log) -> dict:
     from tumorseg.datasets import find_cases
     from tumorseg.preprocess import cache_path, cached_preprocess, load_preprocessed
 

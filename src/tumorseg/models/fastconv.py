@@ -2,8 +2,9 @@
 
 The models call `conv2d` and `max_pool` and never know which implementation ran. Each call site
 is identified by what decides the cost: the operation, the weight's shape, the input's size
-class (sides in steps of 2^(1/2)), whether autograd records it and the dtype. The first call of
-a kind runs every candidate on the call's input, keeps the fastest, and remembers the
+class (sides in octaves), whether autograd records it and the dtype. The first call of a kind
+runs every candidate on a probe (the first item, cropped to the class's smallest size), keeps
+the fastest, and remembers the
 choice (in memory, and in a plan file so that a later process on the same machine makes the
 same choice: two runs then give bitwise identical outputs).
 
@@ -47,8 +48,8 @@ import torch.nn.functional as F
 MODES = ("auto", "plain")
 PRECISIONS = ("fp32", "bf16")
 FFT_MIN_KERNEL = 7  # smaller kernels: the direct convolution always wins (O(k^2) vs O(log N))
-PLAN_VERSION = 1
-MARGIN = 0.1  # a candidate must be 10% faster than the reference (direct / NCHW) to be chosen
+PLAN_VERSION = 2  # bump when candidates or keys change: old plans are then ignored
+MARGIN = 0.2  # a candidate must be 20% faster than the reference (direct / NCHW) to be chosen
 
 
 @dataclass(frozen=True)
@@ -417,8 +418,20 @@ POOL_CANDIDATES: dict[str, Callable] = {"nchw": pool_nchw, "channels_last": pool
 
 
 def _size_class(n: int) -> int:
-    """Inputs whose sides share a size class share a choice: powers of 2^(1/2)."""
-    return round(2 * math.log2(max(n, 1)))
+    """Sides in [2^(c-1), 2^c) share class c, and a choice."""
+    return max(n, 1).bit_length()
+
+
+def _probe_input(x: torch.Tensor | Sequence[torch.Tensor], min_side: int
+                 ) -> torch.Tensor | list[torch.Tensor]:
+    """The first item of the batch, cropped to the smallest size of its size class (but not
+    below `min_side`): a cheap, representative measurement of the class."""
+    def crop(t: torch.Tensor) -> torch.Tensor:
+        h, w = t.shape[-2:]
+        ch = max(min(h, 1 << (_size_class(h) - 1)), min(h, min_side))
+        cw = max(min(w, 1 << (_size_class(w) - 1)), min(w, min_side))
+        return t[:1, :, :ch, :cw]
+    return crop(x) if isinstance(x, torch.Tensor) else [crop(t) for t in x]
 
 
 class Planner:
@@ -440,7 +453,7 @@ class Planner:
         self._loaded_for: str | None = None
 
     def machine(self) -> str:
-        return f"{platform.machine()}|{_cpu_name()}|torch {torch.__version__}|" \
+        return f"{platform.machine()}|{cpu_name()}|torch {torch.__version__}|" \
                f"threads {torch.get_num_threads()}|v{PLAN_VERSION}"
 
     def _load(self) -> None:
@@ -474,7 +487,9 @@ class Planner:
     def choose(self, key: str, candidates: dict[str, Callable[[], object]]) -> str:
         """The name of the fastest candidate for `key`; the first candidate is the reference and
         another must beat it by MARGIN to be chosen (timing noise must not flip choices). Each
-        runs twice (warm-up: oneDNN primitives, FFT plans) the first time a key is seen."""
+        runs three times (a warm-up for oneDNN primitives and FFT plans, then the best of two)
+        the first time a key is seen, on a
+        probe (`_probe_input`), so that a first run on a new machine costs well under a second."""
         with self.lock:
             self._load()
             if key in self.choices and self.choices[key] in candidates:
@@ -482,9 +497,11 @@ class Planner:
         times = {}
         for name, run in candidates.items():
             run()
-            t0 = time.perf_counter()
-            run()
-            times[name] = time.perf_counter() - t0
+            times[name] = float("inf")
+            for _ in range(2):  # the best of two: a busy moment must not decide
+                t0 = time.perf_counter()
+                run()
+                times[name] = min(times[name], time.perf_counter() - t0)
         reference = next(iter(times))
         best = min(times, key=times.get)
         if times[best] > times[reference] * (1 - MARGIN):
@@ -503,7 +520,8 @@ class Planner:
             self._save()
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU model as /proc/cpuinfo names it (else platform.processor())."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -546,13 +564,13 @@ def conv2d(x: torch.Tensor | Sequence[torch.Tensor], weight: torch.Tensor,
     if len(names) == 1:
         return conv_direct(x, weight, bias)
     key = _key("conv", first, weight.shape[1], tuple(weight.shape), grad) + f"|{opts.precision}"
-    args = (xs, weight, bias)
+    args = (_probe_input(xs, 2 * weight.shape[-1]), weight, bias)
     choice = planner.choose(key, {n: _probe(CONV_CANDIDATES[n], args, grad) for n in names})
-    return CONV_CANDIDATES[choice](xs, weight, bias)
+    return CONV_CANDIDATES[choice](x, weight, bias)
 
 
 def _probe(fn: Callable, args: tuple, grad: bool) -> Callable[[], None]:
-    """A run of `fn` on the call's own arguments: forward, and backward under autograd."""
+    """A run of `fn` on the probe arguments: forward, and backward under autograd."""
     def run() -> None:
         if not grad:
             with torch.no_grad():
@@ -577,6 +595,7 @@ def max_pool(x: torch.Tensor, k: int) -> torch.Tensor:
         return pool_nchw(x, k)
     grad = _needs_grad(x)
     key = _key("maxpool", x, x.shape[1], (k,), grad)
-    choice = planner.choose(key, {n: _probe(lambda t, f=f: f(t, k), (x,), grad)
+    probe = _probe_input(x, 4 * k)
+    choice = planner.choose(key, {n: _probe(lambda t, f=f: f(t, k), (probe,), grad)
                                   for n, f in POOL_CANDIDATES.items()})
     return POOL_CANDIDATES[choice](x, k)

@@ -1,0 +1,245 @@
+"""The fast CPU engine (models.fastconv): exact against the plain direct path, gradients by
+gradcheck, choices by measurement, and on a real case: fp32 logits, bf16 labels, determinism.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tumorseg import weights
+from tumorseg.datasets import find_cases, load_case
+from tumorseg.infer import _argmax_classes, predict_labels, predict_volume, slice_boxes
+from tumorseg.labels import CANONICAL_REGIONS
+from tumorseg.models import build_model, dense_logits, fastconv
+from tumorseg.preprocess import PreprocessSettings, preprocess_case
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _rand(*shape, dtype=torch.float64, seed=0):
+    return torch.randn(*shape, dtype=dtype, generator=torch.Generator().manual_seed(seed))
+
+
+# -- gradients ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kernel", [(3, 3), (5, 4), (7, 7)])
+def test_gradcheck_fft_convolution(kernel):
+    x = _rand(2, 3, 11, 13, seed=1).requires_grad_()
+    w = _rand(4, 3, *kernel, seed=2).requires_grad_()
+    b = _rand(4, seed=3).requires_grad_()
+    assert torch.autograd.gradcheck(lambda w, b, x: fastconv._FFTConvFn.apply(w, b, x), (w, b, x))
+
+
+def test_gradcheck_fft_convolution_of_a_channel_list():
+    xs = [_rand(2, c, 12, 10, seed=c).requires_grad_() for c in (2, 3)]
+    w = _rand(3, 5, 5, 5, seed=9).requires_grad_()
+    b = _rand(3, seed=8).requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda w, b, x0, x1: fastconv._FFTConvFn.apply(w, b, x0, x1), (w, b, *xs))
+
+
+def test_gradcheck_direct_convolution_fast_backward():
+    x = _rand(2, 3, 11, 13, seed=1).requires_grad_()
+    w = _rand(4, 3, 5, 4, seed=2).requires_grad_()
+    b = _rand(4, seed=3).requires_grad_()
+    assert torch.autograd.gradcheck(fastconv._DirectConvFn.apply, (x, w, b))
+
+
+def test_gradcheck_maxout_and_tie_gradients_equal_amax():
+    z = _rand(2, 6, 7, 9).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: fastconv._Maxout2Fn.apply(t.view(2, 3, 2, 7, 9)),
+                                    (z,))
+    # Ties (zero input: every piece equals its bias) split the gradient evenly, as amax does.
+    z = torch.zeros(2, 4, 5, 5)
+    z[:, :, 2:] = _rand(2, 4, 3, 5, dtype=torch.float32)
+    g = _rand(2, 2, 5, 5, dtype=torch.float32, seed=4)
+    a, b = z.clone().requires_grad_(), z.clone().requires_grad_()
+    fastconv._Maxout2Fn.apply(a.view(2, 2, 2, 5, 5)).backward(g)
+    b.view(2, 2, 2, 5, 5).amax(2).backward(g)
+    assert torch.equal(a.grad, b.grad)
+
+
+# -- forward equivalence --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape, kernel", [((2, 3, 11, 13), 5), ((1, 224, 57, 61), 21),
+                                            ((3, 4, 40, 33), 13), ((1, 2, 21, 21), 21)])
+def test_fft_convolution_equals_conv2d(shape, kernel):
+    x = _rand(*shape, dtype=torch.float32)
+    w = _rand(5, shape[1], kernel, kernel, dtype=torch.float32, seed=1) * 0.05
+    b = _rand(5, dtype=torch.float32, seed=2)
+    ref = F.conv2d(x, w, b)
+    out = fastconv.conv_fft(x, w, b)
+    assert out.shape == ref.shape
+    err = (out - ref).abs().max().item()
+    assert err < 2e-5 * max(1.0, ref.abs().max().item()), f"max |fft - direct| = {err}"
+    # A list of inputs is convolved as their channel concatenation.
+    parts = list(x.split([shape[1] // 2, shape[1] - shape[1] // 2], 1))
+    if all(p.shape[1] for p in parts):
+        assert torch.allclose(fastconv.conv_fft(parts, w, b), out, atol=1e-6)
+
+
+def test_fft_size_is_smooth_and_minimal():
+    for n in range(1, 400):
+        m = fastconv.fft_size(n)
+        assert m >= n
+        r = m
+        for p in (2, 3, 5):
+            while r % p == 0:
+                r //= p
+        assert r == 1, f"fft_size({n}) = {m} is not 5-smooth"
+        assert all(not _smooth(k) for k in range(n, m)), f"fft_size({n}) = {m} is not minimal"
+
+
+def _smooth(k: int) -> bool:
+    for p in (2, 3, 5):
+        while k % p == 0:
+            k //= p
+    return k == 1
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_pooling_variants_are_exact(k):
+    x = _rand(2, 5, 17, 23, dtype=torch.float32)
+    x[:, :, :4] = 0.5  # ties
+    ref = F.max_pool2d(x, k, stride=1)
+    for name, pool in fastconv.POOL_CANDIDATES.items():
+        assert torch.equal(pool(x, k), ref), name
+
+
+def test_argmax_classes_equals_argmax_with_ties():
+    p = torch.rand(2, 5, 7, 9)
+    p[0, 3] = p[0, 1]  # ties: the first maximum wins
+    assert torch.equal(_argmax_classes(p), p.argmax(1).to(torch.uint8))
+
+
+# -- choices --------------------------------------------------------------------------------------
+
+def test_planner_prefers_the_reference_within_the_margin_and_persists(tmp_path):
+    import time
+
+    plan = fastconv.Planner(tmp_path / "plan.json")
+    assert plan.choose("k1", {"ref": lambda: None, "slow": lambda: time.sleep(0.01)}) == "ref"
+    assert plan.choose("k2", {"ref": lambda: time.sleep(0.02), "fast": lambda: None}) == "fast"
+    again = fastconv.Planner(tmp_path / "plan.json")  # a later process reads the same choices
+    never = {"ref": lambda: pytest.fail("measured again"), "fast": lambda: pytest.fail("again")}
+    assert again.choose("k2", never) == "fast" and again.choose("k1", never) == "ref"
+    assert json.loads((tmp_path / "plan.json").read_text())[plan.machine()] == {
+        "k1": "ref", "k2": "fast"}
+
+
+def test_plain_mode_is_the_direct_path_and_options_are_validated():
+    model = build_model("two_path").eval()
+    x = _rand(2, 4, 50, 47, dtype=torch.float32)
+    with torch.no_grad():
+        with fastconv.options(mode="plain"):
+            plain = model(x)
+        auto = model(x)
+    with torch.no_grad():  # the plain path, written out: conv2d, amax, max_pool2d
+        def maxout(m, t):
+            z = F.conv2d(t, m.conv.weight, m.conv.bias)
+            return z.view(z.shape[0], -1, 2, *z.shape[-2:]).amax(2)
+        loc = F.max_pool2d(maxout(model.local1, x), 4, 1)
+        loc = F.max_pool2d(maxout(model.local2, loc), 2, 1)
+        ref = F.conv2d(torch.cat([loc, maxout(model.global1, x)], 1), model.head.weight,
+                       model.head.bias)
+    assert torch.equal(plain, ref)
+    assert (auto - plain).abs().max().item() < 1e-4
+    with pytest.raises(ValueError, match="precision"):
+        fastconv.EngineOptions(precision="fp16")
+    with pytest.raises(ValueError, match="mode"):
+        fastconv.EngineOptions(mode="fast")
+
+
+# -- inference on boxes ---------------------------------------------------------------------------
+
+def test_slice_boxes_cover_the_mask_and_labels_inside_equal_whole_slices():
+    rng = np.random.default_rng(0)
+    mask = np.zeros((40, 44, 5), bool)
+    mask[5:20, 8:30, 1] = True
+    mask[12:38, 3:9, 3] = True
+    mask[0:40, 40:44, 4] = True
+    boxes = slice_boxes(mask, multiple=8)
+    assert sorted(b.z for b in boxes) == [1, 3, 4]
+    for b in boxes:
+        inside = np.zeros(mask.shape[:2], bool)
+        inside[b.x0:b.x0 + b.sx, b.y0:b.y0 + b.sy] = True
+        assert not (mask[..., b.z] & ~inside).any()  # the box holds the slice's brain
+        assert b.sx % 8 == 0 or b.sx == 40
+        assert 0 <= b.x0 and b.x0 + b.sx <= 40 and 0 <= b.y0 and b.y0 + b.sy <= 44
+    model = build_model("two_path").eval()
+    image = rng.standard_normal((4, 40, 44, 5)).astype(np.float32)
+    labels, probs = predict_labels(model, image, mask, batch_size=2, probabilities=True)
+    dense = predict_volume(model, image, batch_size=2)
+    for b in boxes:
+        box = (slice(b.x0, b.x0 + b.sx), slice(b.y0, b.y0 + b.sy), b.z)
+        np.testing.assert_array_equal(labels[box], dense[(slice(None),) + box].argmax(0))
+        np.testing.assert_allclose(probs[box], np.moveaxis(dense[(slice(None),) + box], 0, -1),
+                                   atol=1e-3)
+    assert np.all(labels[..., [0, 2]] == 0)
+    whole, _ = predict_labels(model, image, mask, crop_slices=False)
+    np.testing.assert_array_equal(whole[..., [1, 3, 4]], dense[..., [1, 3, 4]].argmax(0))
+
+
+# -- a real case ----------------------------------------------------------------------------------
+
+def _real_case(shared_data, index=0):
+    case = find_cases(shared_data)[index]
+    pre = preprocess_case(load_case(case), PreprocessSettings())
+    return case, pre
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["two_path", "input_cascade"])
+def test_fp32_logits_equal_the_plain_path_on_a_real_case(shared_data, name):
+    model, _ = weights.resolve_model(name)
+    _, pre = _real_case(shared_data)
+    zs = np.flatnonzero(pre.mask.any(axis=(0, 1)))[::12]  # a dozen slices through the brain
+    x = torch.from_numpy(np.ascontiguousarray(np.moveaxis(pre.image[..., zs], -1, 0)))
+    with torch.no_grad():
+        auto = torch.cat([dense_logits(model, x[i:i + 4]) for i in range(0, len(zs), 4)])
+        with fastconv.options(mode="plain"):
+            plain = torch.cat([dense_logits(model, x[i:i + 4]) for i in range(0, len(zs), 4)])
+    err = (auto - plain).abs().max().item()
+    assert err < 1e-4, f"max |logits auto - plain| = {err:.2e} (logits up to " \
+                       f"{plain.abs().max().item():.1f})"
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_bf16_labels_agree_and_two_runs_are_identical(shared_data, tmp_path):
+    """The CLI twice in fresh processes (fp32): identical label maps. bf16 against fp32: >= 99.9%
+    of brain voxels agree, each region's Dice >= 0.995."""
+    case = find_cases(shared_data)[0]
+    env = {**os.environ, "TUMORSEG_ENGINE_PLAN": str(tmp_path / "plan.json")}
+    outs = []
+    for run in ("a", "b"):
+        cmd = [sys.executable, "-m", "tumorseg.cli", "segment", "-i", str(case.images["t1"].parent),
+               "-o", str(tmp_path / run), "--no-progress", "--threads", "2"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+        assert proc.returncode == 0, proc.stderr
+        outs.append(np.asarray(nib.load(tmp_path / run / f"{case.case_id}.nii.gz").dataobj))
+    np.testing.assert_array_equal(outs[0], outs[1])
+
+    model, _ = weights.resolve_model(None)
+    _, pre = _real_case(shared_data)
+    fp32, _ = predict_labels(model, pre.image, pre.mask)
+    with fastconv.options(precision="bf16"):
+        bf16, _ = predict_labels(model, pre.image, pre.mask)
+    brain = pre.mask
+    agree = (fp32[brain] == bf16[brain]).mean()
+    assert agree >= 0.999, f"bf16 agrees with fp32 on {agree:.5f} of brain voxels"
+    for region, classes in CANONICAL_REGIONS.items():
+        a, b = np.isin(fp32, classes), np.isin(bf16, classes)
+        dice = 2 * (a & b).sum() / max(a.sum() + b.sum(), 1)
+        assert dice >= 0.995, f"{region}: Dice(fp32, bf16) = {dice:.4f}"
