@@ -60,9 +60,11 @@ def worker(args) -> dict:
     import torch
 
     from tumorseg.datasets import find_cases
+    from tumorseg.models import fastconv
     from tumorseg.segment import SegmentOptions, segment_case, segment_cases
 
     torch.set_num_threads(args.threads)
+    fastconv.reuse_freed_memory()  # as segment_cases (and so the CLI) does
     model, meta, kind = _model(args.worker)
     rss_model = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     options = SegmentOptions(**VARIANTS[args.variant])

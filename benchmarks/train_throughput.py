@@ -1,8 +1,15 @@
-"""Training throughput in patch-equivalents per second: single patches (T = 1) vs dense tiles.
+"""Training throughput in patch-equivalents per second: the fast engine vs the plain path on
+the release configs' dense tiles, and single patches (T = 1) vs dense tiles.
 
     .venv/bin/python benchmarks/train_throughput.py [--models two_path input_cascade]
         [--tile 48] [--tile-batch 4] [--patch-batch 128] [--steps 3] [--threads 0]
-        [--variants]
+        [--engine-steps 7] [--no-patches] [--variants]
+
+Engine comparison (the issue's "new vs old in one run"): the release configs' phase 1 (tiles of
+48, batches of 4, dropout 0.3, SGD with momentum) stepped with the plain engine
+(direct fp32 convolutions with the fast backward, NCHW pooling, amax maxout, dropout of the
+concatenated features: the path before models.fastconv), then with the default engine, from the same
+seed; median of `--engine-steps` steps each after a warm-up, plus phase 2 (output layer only).
 
 A patch-equivalent is one output pixel that carries loss: a T x T tile counts T^2, as its
 gradient equals the sum of its T^2 patches' gradients (tests/test_train.py). One step is what
@@ -24,16 +31,19 @@ import time
 import torch
 import torch.nn.functional as F
 
-from tumorseg.models import build_model
+from tumorseg.models import build_model, fastconv
 
 from _common import machine_meta  # benchmarks/ is on sys.path when run as a script
 
 
 def bench(name: str, tile: int, batch: int, steps: int, channels_last: bool = False,
-          seed: int = 0) -> dict:
+          seed: int = 0, engine: str = "auto", output_layer_only: bool = False) -> dict:
     torch.manual_seed(seed)
-    model = build_model(name, init="default").train()
+    model = build_model(name, init="default", dropout=0.3).train()
     rf = model.receptive_field
+    if output_layer_only:
+        model.requires_grad_(False)
+        model.output_layer().requires_grad_(True)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
     size = tile + rf - 1
@@ -44,22 +54,39 @@ def bench(name: str, tile: int, batch: int, steps: int, channels_last: bool = Fa
     y = torch.randint(0, 5, (batch, tile, tile))
     w = torch.full((batch, tile, tile), 1.0 / (batch * tile * tile))
 
+    losses = []
+
     def step():
         loss = (F.cross_entropy(model(x), y, reduction="none") * w).sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        losses.append(loss.item())
 
-    step()  # warm-up
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
+    with fastconv.options(mode=engine):
+        step()  # warm-up (and the engine's measurements)
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
     s = sorted(times)[len(times) // 2]
     return {"tile": tile, "batch": batch, "input": size, "s_per_step": round(s, 4),
             "patch_equivalents_per_step": batch * tile * tile,
-            "patch_equivalents_per_s": round(batch * tile * tile / s, 1)}
+            "patch_equivalents_per_s": round(batch * tile * tile / s, 1), "losses": losses}
+
+
+def engine_comparison(name: str, tile: int, batch: int, steps: int) -> dict:
+    """Plain vs default engine, same seed and data; phase 1 and phase 2 (output layer only)."""
+    out = {}
+    for phase, only_head in (("phase1", False), ("phase2", True)):
+        plain = bench(name, tile, batch, steps, engine="plain", output_layer_only=only_head)
+        new = bench(name, tile, batch, steps, engine="auto", output_layer_only=only_head)
+        rel = max(abs(a - b) / abs(a) for a, b in zip(plain.pop("losses"), new.pop("losses")))
+        out[phase] = {"plain_s_per_step": plain["s_per_step"], "new_s_per_step": new["s_per_step"],
+                      "speedup": round(plain["s_per_step"] / new["s_per_step"], 2),
+                      "max_rel_loss_diff": float(f"{rel:.2e}")}
+    return out
 
 
 def main() -> None:
@@ -71,18 +98,26 @@ def main() -> None:
                    help="patches per step (the paper's 128)")
     p.add_argument("--steps", type=int, default=3, help="timed steps (median)")
     p.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
+    p.add_argument("--engine-steps", type=int, default=7, help="timed steps per engine")
+    p.add_argument("--no-patches", action="store_true", help="skip the single-patch baseline")
     p.add_argument("--variants", action="store_true",
                    help="also time two_path with larger tiles, channels_last and mkldnn off")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    fastconv.reuse_freed_memory()  # as train() does
     results: dict = {}
     for name in args.models:
+        results[name] = {"engine": engine_comparison(name, args.tile, args.tile_batch,
+                                                     args.engine_steps)}
+        if args.no_patches:
+            continue
         patch = bench(name, 1, args.patch_batch, args.steps)
         dense = bench(name, args.tile, args.tile_batch, args.steps)
-        results[name] = {"patch": patch, "dense": dense,
-                         "ratio": round(dense["patch_equivalents_per_s"]
-                                        / patch["patch_equivalents_per_s"], 1)}
+        patch.pop("losses"), dense.pop("losses")
+        results[name].update(patch=patch, dense=dense,
+                             ratio=round(dense["patch_equivalents_per_s"]
+                                         / patch["patch_equivalents_per_s"], 1))
     if args.variants:  # one tile per step and one timed step each, to keep the run short
         base = results.get("two_path", {}).get("patch") \
             or bench("two_path", 1, args.patch_batch, args.steps)
@@ -94,6 +129,7 @@ def main() -> None:
         v[f"tile{t}_batch1_mkldnn_off"] = bench("two_path", t, 1, 1)
         torch.backends.mkldnn.enabled = True
         for r in v.values():
+            r.pop("losses")
             r["ratio_vs_patch"] = round(r["patch_equivalents_per_s"]
                                         / base["patch_equivalents_per_s"], 1)
         results["two_path_variants"] = v

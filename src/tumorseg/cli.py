@@ -255,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "%(default)s)")
     p.add_argument("--output-format", choices=["nii.gz", "mha"],
                    help="label map format (default: as the input, .mha in -> .mha out)")
-    p.add_argument("--batch-size", type=_positive_int, default=4, metavar="N",  # infer.BATCH_SIZE
+    p.add_argument("--batch-size", type=_positive_int, default=2, metavar="N",  # infer.BATCH_SIZE
                    help="axial slices per forward pass; bounds memory (default %(default)s)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="fp32 (default) or bf16: bfloat16 convolutions, faster on CPUs with "

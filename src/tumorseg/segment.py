@@ -278,6 +278,7 @@ def segment_cases(model_spec, cases: Sequence[Case], out_dir: str | Path,
         get_convention(options.convention or case.convention)
     device = resolve_device(options.device)
     options = dataclasses.replace(options, device=device)
+    fastconv.reuse_freed_memory()  # large tensors reused, not page-faulted anew per batch
     model, meta = _load(model_spec, device)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -189,6 +189,7 @@ def train(cfg: TrainConfig, data_root: str | Path, run_dir: str | Path, resume: 
     Layers are computed as `cfg.engine` and `cfg.precision` say (models.fastconv).
     Returns the summary.
     """
+    fastconv.reuse_freed_memory()
     with fastconv.options(EngineOptions(mode=cfg.engine, precision=cfg.precision)):
         return _train(cfg, data_root, run_dir, resume, device, progress, log)
 

@@ -117,6 +117,50 @@ class _DirectConvFn(torch.autograd.Function):
         return gx, gw, gb
 
 
+_MALLOPT: dict = {}  # libc handle and the settings reuse_freed_memory applied
+
+
+@contextlib.contextmanager
+def _own_mapping() -> Iterator[None]:
+    """Allocations in this block get their own mmap again (as glibc does by default): for
+    long-lived large blocks (kernel spectra), which would otherwise split the reused heap."""
+    libc = _MALLOPT.get("libc")
+    if libc is None:
+        yield
+        return
+    libc.mallopt(-4, 65536)  # M_MMAP_MAX: glibc's default
+    try:
+        yield
+    finally:
+        libc.mallopt(-4, 0)
+
+
+def reuse_freed_memory() -> bool:
+    """Ask glibc to keep freed memory for reuse instead of returning it to the OS.
+
+    glibc serves every block of >= 32 MB with a fresh mmap and unmaps it on free, so each
+    large tensor of a layer page-faults all its pages again when the next batch allocates it:
+    about 0.1 s per 100 MB tensor in a virtual machine, a quarter of whole-brain inference time.
+    With M_MMAP_MAX = 0 and no trimming, freed blocks stay in the heap and are reused; the
+    process's RSS then stays at its peak. Process-wide; segmentation and training call it.
+    Returns False where it is not glibc (nothing changes).
+    """
+    import ctypes
+    import ctypes.util
+
+    if platform.system() != "Linux":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_max = -1, -4
+        ok = bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
+        if ok:
+            _MALLOPT["libc"] = libc
+        return ok
+    except (OSError, AttributeError):
+        return False
+
+
 def _needs_grad(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -174,10 +218,10 @@ def _spatial_major(z: torch.Tensor, nh: int, nf: int) -> torch.Tensor:
     return z.view(nh, nf, *z.shape[1:]).permute(2, 3, 0, 1)
 
 
-# Complex matrix products over frequencies as one real bmm (CPU complex bmm of many small
-# matrices runs matrix by matrix, about 10x slower). With a = ar + i ai and the right-hand
-# side b stored as `_icols(b)` (per row: re, then -im), the real product of [a; i a] (viewed
-# as interleaved re/im) with it gives [re(ab); -im(ab)].
+# Complex matrix products over frequencies as real bmm (CPU complex bmm of many small matrices
+# runs matrix by matrix, about 10x slower). With the right-hand side b stored as `_icols(b)`
+# (per row: re, then -im), a (viewed as interleaved re/im) times it gives re(ab), and i*a times
+# it gives -im(ab).
 def _icols(b: torch.Tensor) -> torch.Tensor:
     """Complex [F, m, p] -> real [F, 2m, p]: rows 2j = re(b_j), 2j+1 = -im(b_j)."""
     f, m, p = b.shape
@@ -185,14 +229,20 @@ def _icols(b: torch.Tensor) -> torch.Tensor:
 
 
 def _cmatmul(a: torch.Tensor, b_icols: torch.Tensor) -> torch.Tensor:
-    """a @ b for each frequency: a complex [F, n, m] (any strides), b as `_icols(b)`
-    [F, 2m, p] -> complex [F, n, p]."""
+    """a @ b for each frequency: a complex [F, n, m] (any strides; copied once into a contiguous
+    buffer: copies into strided destinations run 3x slower), b as `_icols(b)` [F, 2m, p] ->
+    complex [F, n, p]. Pass `a` without keeping a reference to it, so that it can be freed."""
     f, n, m = a.shape
-    rows = torch.empty(f, 2, n, m, dtype=a.dtype, device=a.device)
-    rows[:, 0] = a  # the transposing copy, if a is a permuted view
-    torch.mul(rows[:, 0], 1j, out=rows[:, 1])
-    out = torch.bmm(torch.view_as_real(rows).view(f, 2 * n, 2 * m), b_icols)  # [F, 2n, p]
-    return torch.complex(out[:, :n], out[:, n:].neg())
+    a = a.clone(memory_format=torch.contiguous_format)  # private: multiplied by i in place
+    return _cmatmul_private(a, b_icols)
+
+
+def _cmatmul_private(a: torch.Tensor, b_icols: torch.Tensor) -> torch.Tensor:
+    """`_cmatmul` of a contiguous complex [F, n, m] that may be overwritten."""
+    f, n, m = a.shape
+    re = torch.bmm(torch.view_as_real(a).view(f, n, 2 * m), b_icols)
+    neg_im = torch.bmm(torch.view_as_real(a.mul_(1j)).view(f, n, 2 * m), b_icols)
+    return torch.complex(re, neg_im.neg_())
 
 
 def _kernel_icols(weight: torch.Tensor, nh: int, nw: int) -> torch.Tensor:
@@ -217,25 +267,24 @@ def _kernel_icols(weight: torch.Tensor, nh: int, nw: int) -> torch.Tensor:
 
 
 class _SpectrumCache:
-    """The last few kernel spectra (as `_icols`) of no-grad calls, keyed by the weight's
-    identity, version and the FFT grid: inference reuses one for every batch of that size.
-    Inference visits batches grouped by size, so two entries suffice (the head's is 176 MB for
-    a 180 x 216 grid)."""
+    """The kernel spectrum (as `_icols`) of each weight at its last FFT grid, for no-grad calls:
+    inference visits batches grouped by size, so one grid per weight suffices (the two_path
+    head's is 176 MB for a 180 x 216 grid; a cascade keeps one per stage)."""
 
-    def __init__(self, size: int = 2):
-        self.size, self.items = size, {}
+    def __init__(self):
+        self.items: dict = {}
         self.lock = threading.Lock()
 
     def get(self, weight: torch.Tensor, nh: int, nw: int) -> torch.Tensor:
-        key = (id(weight), weight._version, weight.data_ptr(), weight.dtype, nh, nw)
+        owner = (id(weight), weight.data_ptr())
+        key = (weight._version, weight.dtype, nh, nw)
         with self.lock:
-            hit = self.items.pop(key, None)
-            if hit is None:
-                hit = _kernel_icols(weight, nh, nw)
-            self.items[key] = hit  # most recent last
-            while len(self.items) > self.size:
-                self.items.pop(next(iter(self.items)))
-            return hit
+            held = self.items.get(owner)
+            if held is None or held[0] != key:
+                self.items.pop(owner, None)  # free before computing: bounds the peak
+                with _own_mapping():
+                    held = self.items[owner] = (key, _kernel_icols(weight, nh, nw))
+            return held[1]
 
 
 _spectra = _SpectrumCache()
@@ -312,6 +361,23 @@ class _FFTConvFn(torch.autograd.Function):
         return (gw, gb, *gxs)
 
 
+CHUNK_BYTES = 16 << 20  # frequency rows per step of `_contract`: a cache-sized working set
+
+
+def _contract(xspec: torch.Tensor, k_icols: torch.Tensor) -> torch.Tensor:
+    """The channel contraction of the spectra, a few frequency rows at a time: xspec complex
+    [B, C, nh, nf], k_icols [nh*nf, 2C, O] -> complex [nh*nf, B, O]. Equal to
+    `_cmatmul(_freq_major(xspec), k_icols)`, without a frequency-major copy of all of xspec."""
+    b, c, nh, nf = xspec.shape
+    out = torch.empty(nh * nf, b, k_icols.shape[-1], dtype=xspec.dtype, device=xspec.device)
+    step = max(1, CHUNK_BYTES // (nf * b * c * xspec.element_size()))
+    for r in range(0, nh, step):
+        rows = xspec[:, :, r:r + step].permute(2, 3, 0, 1).contiguous().view(-1, b, c)
+        f = slice(r * nf, r * nf + rows.shape[0])
+        out[f] = _cmatmul_private(rows, k_icols[f])
+    return out
+
+
 def _padded(xs: Sequence[torch.Tensor], nh: int, nw: int) -> torch.Tensor:
     """The channel concatenation of xs ([B, C_i, H, W] each), zero-padded to [B, C, nh, nw]
     in one buffer: cheaper than torch.cat followed by rfft2's own padding copy."""
@@ -340,9 +406,8 @@ def conv_fft(x: torch.Tensor | Sequence[torch.Tensor], weight: torch.Tensor,
     h, w = xs[0].shape[-2:]
     k, l = weight.shape[-2:]
     nh, nw = fft_size(h), fft_size(w)
-    xf = _freq_major(torch.fft.rfft2(_padded(xs, nh, nw)))  # [F, B, C]
-    y = _irfft_valid(_cmatmul(xf, _spectra.get(weight, nh, nw)), nh, nw,
-                     slice(k - 1, h), slice(l - 1, w))
+    yf = _contract(torch.fft.rfft2(_padded(xs, nh, nw)), _spectra.get(weight, nh, nw))
+    y = _irfft_valid(yf, nh, nw, slice(k - 1, h), slice(l - 1, w))
     return y + bias.view(1, -1, 1, 1) if bias is not None else y.contiguous()
 
 
