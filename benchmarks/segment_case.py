@@ -75,12 +75,14 @@ def worker(args) -> dict:
     out: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         segment_case(model, meta, warm, tmp, options)
+        fastconv.release_freed_memory()
         for case in cases:
             times, runs = [], []
             for _ in range(args.repeats):
                 t0 = time.perf_counter()
                 res = segment_case(model, meta, case, tmp, options)
                 times.append(time.perf_counter() - t0)
+                fastconv.release_freed_memory()  # as segment_cases does between cases
                 runs.append(res["stages"])
             per_case[case.case_id] = round(statistics.median(times), 2)
             stages[case.case_id] = {k: round(statistics.median(r[k] for r in runs), 2)

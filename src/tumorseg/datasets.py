@@ -356,7 +356,8 @@ def load_case(case: Case) -> LoadedCase:
         reference = vols["t1"]
         for vol in vols.values():
             _check_geometry(vol, reference)
-        image = np.stack([vols[m].data for m in MODALITIES]).astype(np.float32)
+        image = np.stack([vols[m].data for m in MODALITIES], dtype=np.float32)
+        del vols
         sources = {m: case.images[m] for m in MODALITIES}
     for i, m in enumerate(MODALITIES):
         if not np.any(image[i]):

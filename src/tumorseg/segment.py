@@ -312,6 +312,9 @@ def segment_cases(model_spec, cases: Sequence[Case], out_dir: str | Path,
             except TumorsegInputError as exc:
                 failures.append((case.case_id, str(exc)))
                 continue
+            finally:
+                current = None
+                fastconv.release_freed_memory()  # one case's high-water mark stays its own
             results.append(result)
             if log:
                 log(f"case {case.case_id}: {result['labels']} ({result['seconds']:.1f} s)")

@@ -135,6 +135,14 @@ def _own_mapping() -> Iterator[None]:
         libc.mallopt(-4, 0)
 
 
+def release_freed_memory() -> None:
+    """Return the heap's free memory to the OS (glibc malloc_trim) after `reuse_freed_memory`:
+    between cases, so that one case's high-water mark does not add to the next one's."""
+    libc = _MALLOPT.get("libc")
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
 def reuse_freed_memory() -> bool:
     """Ask glibc to keep freed memory for reuse instead of returning it to the OS.
 
@@ -253,15 +261,20 @@ def _kernel_icols(weight: torch.Tensor, nh: int, nw: int) -> torch.Tensor:
     full transform along that axis, and no transposing copy of the (large) result.
     """
     o, c, k, _ = weight.shape
-    r = torch.fft.rfft(weight.flip(-2, -1), n=nw).permute(2, 3, 1, 0)  # [k, nf, C, O]
+    # rfft along the kernel's columns, laid out [k, nf, C, O] (re, im last)
+    r = torch.view_as_real(torch.fft.rfft(weight.flip(-2, -1).permute(2, 3, 1, 0), n=nw, dim=1))
     nf = r.shape[1]
     # (cos - i sin)(a + ib) = (cos a + sin b) + i (cos b - sin a), summed over the k rows:
     # re = [cos, -sin] @ [a; -b], -im = [cos, -sin] @ [-b; -a]
     phase = 2 * math.pi * torch.outer(torch.arange(nh, dtype=torch.float64),
                                       torch.arange(k, dtype=torch.float64)) / nh
     dft = torch.cat([phase.cos(), -phase.sin()], 1).to(weight.dtype).to(weight.device)
-    re, im = r.real, r.imag
-    rhs = torch.stack([torch.cat([re, -im]), torch.cat([-im, -re])], 3)  # [2k, nf, C, 2, O]
+    re, im = r[..., 0], r[..., 1]
+    rhs = torch.empty(2 * k, nf, c, 2, o, dtype=weight.dtype, device=weight.device)
+    rhs[:k, :, :, 0] = re
+    torch.neg(im, out=rhs[k:, :, :, 0])
+    torch.neg(im, out=rhs[:k, :, :, 1])
+    torch.neg(re, out=rhs[k:, :, :, 1])
     out = dft @ rhs.reshape(2 * k, nf * c * 2 * o)  # [nh, nf * C * 2 * O]
     return out.view(nh * nf, 2 * c, o)
 
