@@ -21,9 +21,10 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/dense_vs_patch.py
-	$(BIN)/python benchmarks/train_throughput.py
-	$(BIN)/python benchmarks/segment_case.py
+	$(BIN)/python benchmarks/engine_layers.py
+	$(BIN)/python benchmarks/dense_vs_patch.py --threads 2
+	$(BIN)/python benchmarks/train_throughput.py --threads 2
+	$(BIN)/python benchmarks/segment_case.py --models two_path input_cascade --batch 4
 
 clean:
 	rm -rf $(VENV)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import time
 
 import torch
 
@@ -18,3 +19,14 @@ def machine_meta(note: str) -> dict:
         "cpu": cpu_name(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
         "note": note,
     }
+
+
+def median_seconds(fn, repeats: int) -> float:
+    """Median seconds of `repeats` calls of fn(), after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]

@@ -24,20 +24,12 @@ import torch.nn.functional as F
 
 from tumorseg.models import build_model, dense_logits, dense_padding
 
-from _common import machine_meta  # benchmarks/ is on sys.path when run as a script
+from _common import machine_meta, median_seconds  # benchmarks/ is on sys.path as a script
 
 SLICE = 240
 
 
-def _time(fn, repeats: int) -> float:
-    """Median seconds of `repeats` calls, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+_time = median_seconds
 
 
 @torch.no_grad()

@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 
 from tumorseg.models import fastconv
 
-from _common import machine_meta  # benchmarks/ is on sys.path when run as a script
+from _common import machine_meta, median_seconds  # benchmarks/ is on sys.path as a script
 
 # (name, C_in, C_out, kernel, input side offset from the output box) per layer.
 CONVS = [("local1 7x7", 4, 128, 7, 32), ("local2 3x3", 64, 128, 3, 22),
@@ -32,13 +30,7 @@ POOLS = [("pool 4x4", 64, 4, 25), ("pool 2x2", 64, 2, 21)]
 
 
 def _median(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return round(statistics.median(times), 5)
+    return round(median_seconds(fn, repeats), 5)
 
 
 def _run(fn, args, needs_grad):

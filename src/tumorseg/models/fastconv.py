@@ -3,8 +3,9 @@
 The models call `conv2d` and `max_pool` and never know which implementation ran. Each call site
 is identified by what decides the cost: the operation, the weight's shape, the input's size
 class (sides in octaves), whether autograd records it and the dtype. The first call of a kind
-runs every candidate on a probe (the first item, cropped to the class's smallest size), keeps
-the fastest, and remembers the
+runs every candidate on a probe (without autograd: the first item, cropped to the class's
+smallest size; under autograd, small training tiles: the call's own input), keeps the fastest,
+and remembers the
 choice (in memory, and in a plan file so that a later process on the same machine makes the
 same choice: two runs then give bitwise identical outputs).
 
@@ -48,7 +49,7 @@ import torch.nn.functional as F
 MODES = ("auto", "plain")
 PRECISIONS = ("fp32", "bf16")
 FFT_MIN_KERNEL = 7  # smaller kernels: the direct convolution always wins (O(k^2) vs O(log N))
-PLAN_VERSION = 2  # bump when candidates or keys change: old plans are then ignored
+PLAN_VERSION = 3  # bump when candidates or keys change: old plans are then ignored
 MARGIN = 0.2  # a candidate must be 20% faster than the reference (direct / NCHW) to be chosen
 
 
@@ -357,16 +358,19 @@ class _FFTConvFn(torch.autograd.Function):
         gxs = [None] * len(splits)
         if any(ctx.needs_input_grad[2:]):
             f, c2, o = kf.shape
-            kre, kim_neg = kf.view(f, c2 // 2, 2, o).unbind(2)  # re(K), -im(K): [F, C, O]
-            # _icols(conj(K)^T): rows re(K)^T, -im(conj K)^T = im(K)^T
-            conj_kt = torch.stack([kre.transpose(1, 2), kim_neg.transpose(1, 2).neg()], 2)
-            gx = _cmatmul(gf, conj_kt.reshape(f, 2 * o, c2 // 2))  # [F, B, C]
+            # kf rows per channel: re(K), -im(K). _icols(conj(K)^T) rows per output map:
+            # re(K)^T, -im(conj K)^T = im(K)^T: one transposing multiply by (1, -1).
+            sign = kf.new_tensor([1.0, -1.0]).view(1, 1, 2, 1)
+            conj_kt = kf.new_empty(f, o, 2, c2 // 2)
+            torch.mul(kf.view(f, c2 // 2, 2, o).permute(0, 3, 2, 1), sign, out=conj_kt)
+            conj_kt = conj_kt.view(f, 2 * o, c2 // 2)
+            gx = _cmatmul(gf, conj_kt)  # [F, B, C]
             gxs = list(_irfft_valid(gx, nh, nw, slice(0, h), slice(0, w)).split(splits, 1))
         if ctx.needs_input_grad[0]:
             # (sum_b conj(X) G)^T = G^T conj(X): the small operand G^T is the one _cmatmul
             # doubles, and _icols(conj X) = [re X; im X] is a plain copy of X.
             f, b, c = xf.shape
-            conj_x = torch.stack([xf.real, xf.imag], 2).view(f, 2 * b, c)
+            conj_x = torch.view_as_real(xf).permute(0, 1, 3, 2).reshape(f, 2 * b, c)
             gw = _cmatmul(gf.transpose(1, 2), conj_x)  # [F, O, C]
             gw = _irfft_corner(gw, nh, nw, k, l).flip(-2, -1)  # [O, C, k, l]
         if ctx.needs_input_grad[1]:
@@ -565,8 +569,8 @@ class Planner:
     def choose(self, key: str, candidates: dict[str, Callable[[], object]]) -> str:
         """The name of the fastest candidate for `key`; the first candidate is the reference and
         another must beat it by MARGIN to be chosen (timing noise must not flip choices). Each
-        runs three times (a warm-up for oneDNN primitives and FFT plans, then the best of two)
-        the first time a key is seen, on a
+        runs twice, the faster run counting (the first may pay oneDNN's primitive creation and
+        FFT planning), the first time a key is seen, on a
         probe (`_probe_input`), so that a first run on a new machine costs well under a second."""
         with self.lock:
             self._load()
@@ -574,9 +578,8 @@ class Planner:
                 return self.choices[key]
         times = {}
         for name, run in candidates.items():
-            run()
             times[name] = float("inf")
-            for _ in range(2):  # the best of two: a busy moment must not decide
+            for _ in range(2):  # the best of two: first-call setup or a busy moment can't decide
                 t0 = time.perf_counter()
                 run()
                 times[name] = min(times[name], time.perf_counter() - t0)
@@ -642,7 +645,8 @@ def conv2d(x: torch.Tensor | Sequence[torch.Tensor], weight: torch.Tensor,
     if len(names) == 1:
         return conv_direct(x, weight, bias)
     key = _key("conv", first, weight.shape[1], tuple(weight.shape), grad) + f"|{opts.precision}"
-    args = (_probe_input(xs, 2 * weight.shape[-1]), weight, bias)
+    # Training tiles are small: measure on the call's own input (forward and backward).
+    args = (xs if grad else _probe_input(xs, 2 * weight.shape[-1]), weight, bias)
     choice = planner.choose(key, {n: _probe(CONV_CANDIDATES[n], args, grad) for n in names})
     return CONV_CANDIDATES[choice](x, weight, bias)
 
@@ -673,7 +677,7 @@ def max_pool(x: torch.Tensor, k: int) -> torch.Tensor:
         return pool_nchw(x, k)
     grad = _needs_grad(x)
     key = _key("maxpool", x, x.shape[1], (k,), grad)
-    probe = _probe_input(x, 4 * k)
+    probe = x if grad else _probe_input(x, 4 * k)
     choice = planner.choose(key, {n: _probe(lambda t, f=f: f(t, k), (probe,), grad)
                                   for n, f in POOL_CANDIDATES.items()})
     return POOL_CANDIDATES[choice](x, k)
