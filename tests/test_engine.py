@@ -88,6 +88,22 @@ def test_fft_convolution_equals_conv2d(shape, kernel):
         assert torch.allclose(fastconv.conv_fft(parts, w, b), out, atol=1e-6)
 
 
+def test_kernel_spectra_follow_the_weight_and_die_with_it():
+    import gc
+
+    x = _rand(1, 6, 30, 26, dtype=torch.float32)
+    w = _rand(3, 6, 9, 9, dtype=torch.float32, seed=1)
+    with torch.no_grad():
+        assert torch.allclose(fastconv.conv_fft(x, w, None), F.conv2d(x, w), atol=1e-4)
+        w.mul_(-2)  # changed in place: the cached spectrum must not be reused
+        assert torch.allclose(fastconv.conv_fft(x, w, None), F.conv2d(x, w), atol=1e-4)
+    assert id(w) in fastconv._spectra.items
+    owner = id(w)
+    del w
+    gc.collect()
+    assert owner not in fastconv._spectra.items  # a later tensor with this id gets no stale entry
+
+
 def test_fft_size_is_smooth_and_minimal():
     for n in range(1, 400):
         m = fastconv.fft_size(n)

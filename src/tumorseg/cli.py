@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from tumorseg.errors import TumorsegInputError
 from tumorseg.train import Interrupted

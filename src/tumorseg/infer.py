@@ -177,10 +177,14 @@ def predict_labels(model: torch.nn.Module, image: np.ndarray, mask: np.ndarray |
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     shape = image.shape[1:]
-    full = np.ones(shape, bool)
-    if mask is not None and not crop_slices:
-        full[..., ~mask.any(axis=(0, 1))] = False
-    boxes = slice_boxes(full if mask is None or not crop_slices else mask)
+    if mask is None:
+        region = np.ones(shape, bool)
+    elif crop_slices:
+        region = mask
+    else:  # whole slices, those with brain
+        region = np.zeros(shape, bool)
+        region[..., mask.any(axis=(0, 1))] = True
+    boxes = slice_boxes(region)
     labels = np.zeros(shape, np.uint8)
     probs_out = None
     if probabilities:

@@ -3,8 +3,9 @@
 `segment_case` runs one case through the whole pipeline with a loaded model:
 
     datasets.load_case -> preprocess.preprocess_case (the settings stored in the model file)
-    -> infer.predict_labels (dense whole-slice inference on axial slices, in bounded batches;
-       zero padding by the receptive field; a cascade runs its first CNN densely too)
+    -> infer.predict_labels (dense inference on each axial slice's brain box, in bounded
+       batches; zero padding by the receptive field; a cascade runs its first CNN densely too;
+       layers computed as models.fastconv chose)
     -> voxels outside the brain set to 0 -> postprocess.postprocess -> CropRecord.uncrop
     -> labels.get_convention(output convention).decode -> io.write_volume (input's header)
 
@@ -44,7 +45,7 @@ import numpy as np
 import torch
 
 from tumorseg import io, report
-from tumorseg.datasets import Case, load_case
+from tumorseg.datasets import Case, LoadedCase, load_case
 from tumorseg.errors import TumorsegInputError
 from tumorseg.infer import BATCH_SIZE, predict_labels, resolve_device
 from tumorseg.labels import CLASS_NAMES, get_convention
@@ -52,7 +53,7 @@ from tumorseg import postprocess as pp
 from tumorseg.postprocess import PostprocessConfig
 from tumorseg.models import fastconv
 from tumorseg.models.fastconv import EngineOptions
-from tumorseg.preprocess import PreprocessSettings, preprocess_case
+from tumorseg.preprocess import Preprocessed, PreprocessSettings, preprocess_case
 
 OUTPUT_FORMATS = ("nii.gz", "mha")
 PROBABILITIES_SUFFIX = "_probabilities.nii.gz"
@@ -141,9 +142,9 @@ class Prepared:
     """A case read and preprocessed, ready for inference (`prepare_case`)."""
 
     case: Case
-    loaded: object  # datasets.LoadedCase, without its raw image
-    pre: object  # preprocess.Preprocessed
-    seconds: dict
+    loaded: LoadedCase  # without its raw image
+    pre: Preprocessed
+    seconds: dict  # {"read": s, "preprocess": s}
 
 
 def prepare_case(case: Case, meta: dict) -> Prepared:
@@ -296,15 +297,15 @@ def segment_cases(model_spec, cases: Sequence[Case], out_dir: str | Path,
     failures: list[tuple[str, str]] = []
     pool = ThreadPoolExecutor(1, thread_name_prefix="tumorseg-prefetch") if options.prefetch \
         else None
-    submit = (lambda c: pool.submit(prepare_case, c, meta)) if pool else None
-    pending = submit(todo[0]) if pool and todo else None  # the Future of case i
+    pending = pool.submit(prepare_case, todo[0], meta) if pool and todo else None  # case i
     try:
         for i, case in enumerate(tqdm(todo, desc="cases", unit="case",
                                       disable=not options.progress)):
             try:
                 if pool:  # queue the next case before waiting for this one
                     future = pending
-                    pending = submit(todo[i + 1]) if i + 1 < len(todo) else None
+                    pending = (pool.submit(prepare_case, todo[i + 1], meta)
+                               if i + 1 < len(todo) else None)
                     current = future.result()
                 else:
                     current = case

@@ -5,9 +5,8 @@ is identified by what decides the cost: the operation, the weight's shape, the i
 class (sides in octaves), whether autograd records it and the dtype. The first call of a kind
 runs every candidate on a probe (without autograd: the first item, cropped to the class's
 smallest size; under autograd, small training tiles: the call's own input), keeps the fastest,
-and remembers the
-choice (in memory, and in a plan file so that a later process on the same machine makes the
-same choice: two runs then give bitwise identical outputs).
+and remembers the choice (in memory, and in a plan file so that a later process on the same
+machine makes the same choice: two runs then give bitwise identical outputs).
 
 Convolution candidates:
 - "direct": oneDNN's convolution; under autograd its gradients are computed as forward
@@ -16,7 +15,7 @@ Convolution candidates:
 - "native" (under autograd only): oneDNN's convolution with its own backward, which wins for
   3x3 kernels;
 - "fft": rfft2 of input and flipped kernel on a fast FFT size >= the input, the channel sum as
-  one batched complex matmul over frequencies, irfft2, crop to the valid region
+  real batched matrix products over frequencies, irfft2, crop to the valid region
   (`_FFTConvFn`, backward in the frequency domain too). Offered for kernels >= FFT_MIN_KERNEL:
   it wins for the 21x21 output layer (224 -> 5 maps) and loses for the 13x13 global layer
   (4 -> 320 maps, 320 inverse transforms), so the choice is measured, not assumed;
@@ -39,6 +38,7 @@ import os
 import platform
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -149,7 +149,7 @@ def reuse_freed_memory() -> bool:
 
     glibc serves every block of >= 32 MB with a fresh mmap and unmaps it on free, so each
     large tensor of a layer page-faults all its pages again when the next batch allocates it:
-    about 0.1 s per 100 MB tensor in a virtual machine, a quarter of whole-brain inference time.
+    about 0.1 s per 100 MB tensor in a virtual machine, a third of whole-brain inference time.
     With M_MMAP_MAX = 0 and no trimming, freed blocks stay in the heap and are reused; the
     process's RSS then stays at its peak. Process-wide; segmentation and training call it.
     Returns False where it is not glibc (nothing changes).
@@ -241,7 +241,6 @@ def _cmatmul(a: torch.Tensor, b_icols: torch.Tensor) -> torch.Tensor:
     """a @ b for each frequency: a complex [F, n, m] (any strides; copied once into a contiguous
     buffer: copies into strided destinations run 3x slower), b as `_icols(b)` [F, 2m, p] ->
     complex [F, n, p]. Pass `a` without keeping a reference to it, so that it can be freed."""
-    f, n, m = a.shape
     a = a.clone(memory_format=torch.contiguous_format)  # private: multiplied by i in place
     return _cmatmul_private(a, b_icols)
 
@@ -283,22 +282,31 @@ def _kernel_icols(weight: torch.Tensor, nh: int, nw: int) -> torch.Tensor:
 class _SpectrumCache:
     """The kernel spectrum (as `_icols`) of each weight at its last FFT grid, for no-grad calls:
     inference visits batches grouped by size, so one grid per weight suffices (the two_path
-    head's is 176 MB for a 180 x 216 grid; a cascade keeps one per stage)."""
+    head's is 176 MB for a 180 x 216 grid; a cascade keeps one per stage). Entries are tied to
+    the weight tensor itself (a weak reference, not its id, which a later tensor may reuse) and
+    dropped with it."""
 
     def __init__(self):
-        self.items: dict = {}
+        self.items: dict[int, tuple] = {}
         self.lock = threading.Lock()
 
     def get(self, weight: torch.Tensor, nh: int, nw: int) -> torch.Tensor:
-        owner = (id(weight), weight.data_ptr())
-        key = (weight._version, weight.dtype, nh, nw)
+        key = (weight._version, weight.dtype, weight.device, nh, nw)
+        with self.lock:
+            held = self.items.get(id(weight))
+            if held is None or held[0]() is not weight or held[1] != key:
+                self.items.pop(id(weight), None)  # free before computing: bounds the peak
+                owner = id(weight)
+                ref = weakref.ref(weight, lambda _, owner=owner: self._drop(owner))
+                with _own_mapping():
+                    held = self.items[owner] = (ref, key, _kernel_icols(weight, nh, nw))
+            return held[2]
+
+    def _drop(self, owner: int) -> None:
         with self.lock:
             held = self.items.get(owner)
-            if held is None or held[0] != key:
-                self.items.pop(owner, None)  # free before computing: bounds the peak
-                with _own_mapping():
-                    held = self.items[owner] = (key, _kernel_icols(weight, nh, nw))
-            return held[1]
+            if held is not None and held[0]() is None:
+                del self.items[owner]
 
 
 _spectra = _SpectrumCache()
@@ -592,13 +600,6 @@ class Planner:
             self.timings[key] = {n: round(t, 5) for n, t in times.items()}
             self._save()
         return best
-
-    def clear(self) -> None:
-        """Forget every choice (in memory and in the plan file for this machine)."""
-        with self.lock:
-            self._load()
-            self.choices, self.timings = {}, {}
-            self._save()
 
 
 def cpu_name() -> str:
