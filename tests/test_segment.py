@@ -305,6 +305,47 @@ def test_predict_labels_matches_predict_volume_and_skips_empty_slices(tmp_path):
     np.testing.assert_array_equal(labels_all, dense.argmax(0))
 
 
+def test_class_weights_and_mirror_tta_match_an_independent_computation(tmp_path):
+    from tumorseg.infer import predict_labels, predict_volume
+
+    model, _ = weights.resolve_model(str(write_tiny_model(tmp_path / "tiny.pt", seed=3)))
+    image = np.random.default_rng(1).standard_normal((4, 20, 24, 5)).astype(np.float32)
+    mask = np.zeros((20, 24, 5), bool)
+    mask[3:15, 5:21] = True  # boxes off-centre in x: the mirror is not the box's own mirror
+    dense = predict_volume(model, image)
+    mirrored = predict_volume(model, image[:, ::-1].copy())[:, ::-1]
+    w = np.array([0.6, 0.1, 0.1, 0.1, 0.1])
+    inside = mask
+    labels, _ = predict_labels(model, image, mask, class_weights=w)
+    expected = (dense * w[:, None, None, None]).argmax(0)
+    np.testing.assert_array_equal(labels[inside], expected[inside])
+    assert np.any(expected[inside] != dense.argmax(0)[inside])  # the weights changed something
+    labels_tta, probs = predict_labels(model, image, mask, tta=True, probabilities=True)
+    both = 0.5 * (dense + mirrored)
+    np.testing.assert_array_equal(labels_tta[inside], both.argmax(0)[inside])
+    np.testing.assert_allclose(probs[inside], np.moveaxis(both, 0, -1)[inside], atol=1e-3)
+
+
+def test_validation_scores_what_segment_writes(tmp_path, phantom_small):
+    """train.validate_cases (whole volumes) gives the Dice of segment's output files."""
+    from tumorseg import metrics
+    from tumorseg.segment import prepare_case
+    from tumorseg.train import validate_cases
+
+    case = find_cases(write_phantom(phantom_small, tmp_path / "data", "brats2017"))[0]
+    model, meta = weights.resolve_model(str(write_tiny_model(tmp_path / "tiny.pt", seed=1)))
+    post = PostprocessConfig()
+    res = segment_case(model, meta, case, tmp_path / "out", SegmentOptions(postprocess=post))
+    rows = metrics.evaluate_cases([(case.case_id, res["labels"], case.label)],
+                                  get_convention("brats2017"))
+    pre = prepare_case(case, meta).pre
+    (scores,) = validate_cases(model, [pre], 0, "cpu")
+    for row in rows:
+        assert scores[row["region"]] == pytest.approx(row["dice"], abs=1e-12)
+    assert scores["mean"] == pytest.approx(np.mean([r["dice"] for r in rows]))
+    assert 0 < scores["whole"] < 1  # an untrained model: a real, imperfect score
+
+
 # -- model resolution -----------------------------------------------------------------------------
 
 def test_resolve_model_paths_and_released_weights(tmp_path, monkeypatch):

@@ -249,7 +249,7 @@ def test_sigterm_then_resume_completes_bitwise_equal(interrupted_runs):
 
 def _metrics_without_timing(run: Path) -> list[dict]:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k != "patches_per_s"} for r in rows]
+    return [{k: v for k, v in r.items() if k not in ("patches_per_s", "val_seconds")} for r in rows]
 
 
 def test_resumed_runs_log_the_same_metrics(interrupted_runs):
@@ -334,7 +334,11 @@ def test_run_folder_holds_config_metrics_and_summary(interrupted_runs):
 
     summary = json.loads((run / "summary.json").read_text())
     assert summary["train_cases"] == ["ph0", "ph1"] and summary["val_cases"] == ["ph2"]
-    assert set(summary["val_dice"]) == {"whole", "core", "enhancing"}
+    assert set(summary["val_dice"]) == {"whole", "core", "enhancing", "mean"}
+    case = summary["val_dice_per_case"][0]
+    assert case["case_id"] == "ph2"
+    assert case["mean"] == pytest.approx(np.mean([case[r] for r in ("whole", "core", "enhancing")]))
+    assert summary["val_dice"]["mean"] == pytest.approx(case["mean"])
     assert [p["phase"] for p in summary["phases"]] == [1, 2]
     meta = torch.load(run / "model.pt", weights_only=False)
     assert meta["model"] == "two_path" and meta["convention"] == "brats2017"
@@ -482,3 +486,71 @@ def test_engine_losses_equal_the_plain_path(phantoms, tmp_path):
     assert len(losses["plain"]) >= 5 and len(losses["auto"]) == len(losses["plain"])
     rel = np.abs(losses["auto"] - losses["plain"]) / np.abs(losses["plain"])
     assert rel.max() < 1e-3, f"largest relative loss difference {rel.max():.2e}"
+
+
+# -- recipe options (issue 11) -------------------------------------------------------------------
+
+def test_cosine_schedule_with_warmup():
+    import math
+
+    from tumorseg.train import PhaseConfig, _lr_at
+
+    p = PhaseConfig(epochs=2, steps_per_epoch=50, lr=1e-3, lr_decay=0.01, schedule="cosine",
+                    warmup_steps=10)
+    assert _lr_at(p, 0, 0) == pytest.approx(1e-4) and _lr_at(p, 0, 9) == pytest.approx(1e-3)
+    low = 1e-5
+    for step in (10, 40, 77, 99):
+        t = (step - 10) / 90
+        assert _lr_at(p, step // 50, step) == pytest.approx(low + 0.5 * (1e-3 - low) * (1 + math.cos(math.pi * t)))
+    linear = PhaseConfig(lr=0.01, lr_decay=0.1, lr_decay_epochs=10)
+    assert _lr_at(linear, 5, 123) == pytest.approx(0.01 * (1 - 0.9 * 0.5))
+
+
+def test_soft_dice_loss_equals_a_numpy_computation():
+    from tumorseg.train import soft_dice_loss
+
+    rng = np.random.default_rng(0)
+    logits = torch.from_numpy(rng.standard_normal((3, 5, 6, 6)).astype(np.float32))
+    y = torch.from_numpy(rng.integers(0, 5, (3, 6, 6)))
+    w = torch.from_numpy((rng.random((3, 6, 6)) > 0.3).astype(np.float32))
+    p = torch.softmax(logits, 1).numpy().astype(np.float64)
+    valid = w.numpy() > 0
+    terms = []
+    for classes in ((1, 2, 3, 4), (1, 3, 4), (4,)):
+        pr = p[:, list(classes)].sum(1)[valid]
+        gt = np.isin(y.numpy(), classes)[valid]
+        terms.append((2 * (pr * gt).sum() + 1) / (pr.sum() + gt.sum() + 1))
+    assert float(soft_dice_loss(logits, y, w)) == pytest.approx(1 - np.mean(terms), rel=1e-5)
+    perfect = torch.nn.functional.one_hot(y, 5).permute(0, 3, 1, 2).float() * 50
+    assert float(soft_dice_loss(perfect, y, w)) < 1e-3
+
+
+def test_prior_correction_is_bayes_rule():
+    from tumorseg.train import prior_correction
+
+    freq = np.array([0.9, 0.05, 0.03, 0.0, 0.02])
+    w = prior_correction(freq)
+    p_bal = np.array([0.1, 0.3, 0.3, 0.0, 0.3])  # a balanced model's posterior, 4 present classes
+    natural = p_bal * w / (p_bal * w).sum()
+    # p(c|x) ∝ p_bal(c|x) / (1/4) * freq(c)
+    expected = p_bal * 4 * freq / (p_bal * 4 * freq).sum()
+    np.testing.assert_allclose(natural, expected)
+    assert natural.argmax() == 0 and p_bal.argmax() != 0
+
+
+def test_recipe_options_train_and_reject_bad_values(tmp_path, phantoms):
+    from tumorseg.train import PhaseConfig
+
+    root, cache = phantoms
+    extra = ["data.val_slices=0", "augment.mirror=true", "augment.scale=0.1", "augment.shift=0.1",
+             "phase1.optimizer=\"adamw\"", "phase1.weight_decay=0.01", "phase1.schedule=\"cosine\"",
+             "phase1.warmup_steps=2", "phase1.loss=\"ce_dice\"", "phase1.keep=\"last\""]
+    runs = [run_train(root, tmp_path / f"run{i}", overrides(cache, P1, P2, extra=extra))
+            for i in range(2)]
+    digests = [state_digest(torch.load(tmp_path / f"run{i}" / "model.pt", weights_only=False)["state_dict"])
+               for i in range(2)]
+    assert digests[0] == digests[1]  # seeded augmentation: reproducible
+    assert runs[0]["val_dice"]["mean"] == runs[1]["val_dice"]["mean"]
+    for key, bad in (("optimizer", "lbfgs"), ("schedule", "step"), ("loss", "focal"), ("keep", "first")):
+        with pytest.raises(ValueError, match=key):
+            PhaseConfig(**{key: bad})

@@ -76,6 +76,25 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_crossval(args) -> int:
+    from tumorseg.config import load_config
+    from tumorseg.crossval import run_crossval
+    from tumorseg.segment import SegmentOptions
+    from tumorseg.train import TrainConfig
+
+    cfg = load_config(TrainConfig, args.config, args.overrides)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    summary = run_crossval(cfg, args.data, args.out, k=args.folds, seed=args.seed,
+                           only=args.fold, segment_options=SegmentOptions(tta=args.tta),
+                           progress=_progress(args))
+    pooled = summary["pooled"]
+    print(f"pooled over {pooled['cases']} cases: Dice whole {pooled['dice_whole']:.3f}, "
+          f"core {pooled['dice_core']:.3f}, enhancing {pooled['dice_enhancing']:.3f} "
+          f"(tables in {args.out})")
+    return 0
+
+
 # -- segment -----------------------------------------------------------------------------------
 
 def _labels_arg(args) -> str | None:
@@ -120,7 +139,7 @@ def cmd_segment(args) -> int:
         postprocess=post, probabilities=args.probabilities,
         overlay=args.overlay, output_format=args.output_format, batch_size=args.batch_size,
         device=args.device, precision=args.precision, engine=args.engine,
-        progress=_progress(args))
+        progress=_progress(args), tta=args.tta)
     results, failures = segment_cases(
         args.model, cases, args.output, options, continue_=args.continue_,
         num_parts=args.num_parts, part_id=args.part_id, log=print)
@@ -224,6 +243,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="config overrides, e.g. phase1.epochs=3 seed=1")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("crossval", help="k-fold cross-validation of a training config: train, "
+                                        "segment and score each fold")
+    p.add_argument("--config", required=True, help="training config (TOML)")
+    p.add_argument("--data", required=True, help="dataset root with label maps")
+    p.add_argument("--out", required=True, help="output folder (resumable: run again to continue)")
+    p.add_argument("--folds", type=_positive_int, default=4, help="k (default %(default)s)")
+    p.add_argument("--fold", type=int, action="append", metavar="I",
+                   help="run only fold I (0-based; repeatable); default all")
+    p.add_argument("--seed", type=int, default=0, help="seed of the fold assignment")
+    p.add_argument("--tta", action="store_true", help="segment the folds with --tta")
+    p.add_argument("--threads", type=_positive_int, default=None, metavar="N")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    p.set_defaults(func=cmd_crossval)
+
     p = sub.add_parser("segment", help="segment a case, a dataset or four files into label maps")
     p.add_argument("-i", "--input", help="case folder or dataset root (any supported layout)")
     p.add_argument("-o", "--output", required=True, help="output folder")
@@ -263,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=["auto", "plain"], default="auto",
                    help="auto (default): the fastest layer implementations, measured once per "
                         "machine; plain: direct fp32 convolutions, the reference")
+    p.add_argument("--tta", action="store_true",
+                   help="mirror test-time augmentation: average with the left-right mirrored "
+                        "slices' probabilities; twice the inference time (docs/MODEL_CARD.md)")
     p.add_argument("--threads", type=_positive_int, default=None, metavar="N",
                    help="torch CPU threads (default: torch's, the physical core count)")
     p.add_argument("--no-progress", action="store_true")

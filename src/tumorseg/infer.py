@@ -157,7 +157,8 @@ def _argmax_classes(probs: torch.Tensor) -> torch.Tensor:
 def predict_labels(model: torch.nn.Module, image: np.ndarray, mask: np.ndarray | None = None,
                    batch_size: int = BATCH_SIZE, device: str | torch.device = "cpu",
                    probabilities: bool = False, progress: bool = False, desc: str = "slices",
-                   crop_slices: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+                   crop_slices: bool = True, class_weights: Sequence[float] | None = None,
+                   tta: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
     """Argmax labels (and optionally probabilities) of a preprocessed volume.
 
     image: (4, X, Y, Z) float32 preprocessed; mask: (X, Y, Z) bool brain, or None (every pixel).
@@ -168,6 +169,11 @@ def predict_labels(model: torch.nn.Module, image: np.ndarray, mask: np.ndarray |
 
     crop_slices=False runs whole slices (those with brain) instead: the behaviour before the
     boxes, kept as the benchmarks' control.
+
+    class_weights: [5] factors the probabilities are multiplied by (and renormalised) before
+    the argmax, e.g. a prior correction (train.prior_correction); None = 1.
+    tta: mirror test-time augmentation: the probabilities are the mean of the slice's and its
+    left-right (x) mirror's, at twice the compute.
 
     Returns (labels (X, Y, Z) uint8 canonical classes, probabilities (X, Y, Z, 5) float16 or
     None). Memory: the outputs plus one batch of boxes.
@@ -192,11 +198,23 @@ def predict_labels(model: torch.nn.Module, image: np.ndarray, mask: np.ndarray |
         probs_out[..., 0] = 1
     model.eval()
     rf = model.receptive_field
+    weights = None
+    if class_weights is not None:
+        weights = torch.as_tensor(class_weights, dtype=torch.float32).reshape(1, -1, 1, 1)
+    if tta and len(set(dense_padding(rf))) != 1:
+        raise ValueError(f"tta needs a symmetric receptive-field margin, got {dense_padding(rf)}")
     with tqdm(total=len(boxes), desc=desc, unit="slice", disable=not progress, leave=False) as bar:
         for batch in _box_batches(boxes, batch_size):
             with torch.no_grad():
-                logits = model(_window(image, batch, rf).to(device))  # [b, 5, sx, sy]
-                probs = torch.softmax(logits, dim=1).cpu()
+                x = _window(image, batch, rf).to(device)
+                probs = torch.softmax(model(x), dim=1)  # [b, 5, sx, sy]
+                if tta:  # the window is symmetric about its box, so flips line up
+                    probs += torch.softmax(model(x.flip(2)), dim=1).flip(2)
+                    probs *= 0.5
+                probs = probs.cpu()
+                if weights is not None:
+                    probs *= weights
+                    probs /= probs.sum(1, keepdim=True)
             lab = _argmax_classes(probs).numpy()
             for i, b in enumerate(batch):
                 window = (slice(b.x0, b.x0 + b.sx), slice(b.y0, b.y0 + b.sy), b.z)

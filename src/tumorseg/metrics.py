@@ -379,11 +379,12 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def write_csv(rows: Sequence[dict], path: str | Path) -> Path:
-    """Write rows as CSV (case_id,region,dice,hd95,sensitivity,specificity,ppv[,lesion_dice,
-    lesion_hd95]) atomically; lesion columns appear when any row has them."""
+def write_csv(rows: Sequence[dict], path: str | Path, leading: Sequence[str] = ()) -> Path:
+    """Write rows as CSV (`leading` columns, then case_id,region,dice,hd95,sensitivity,
+    specificity,ppv[,lesion_dice,lesion_hd95]) atomically; lesion columns appear when any row
+    has them."""
     path = Path(path)
-    columns = list(CSV_COLUMNS)
+    columns = list(leading) + list(CSV_COLUMNS)
     if any("lesion_dice" in row for row in rows):
         columns += list(LESION_METRIC_NAMES)
     with io.atomic_write(path) as tmp, open(tmp, "w", newline="") as fh:

@@ -106,6 +106,7 @@ class SegmentOptions:
     prefetch: read and preprocess the next case in a background thread during inference.
     crop_slices: run each slice's brain box only (False: whole slices, the control of
         benchmarks/segment_case.py; same labels, slower).
+    tta: mirror test-time augmentation (infer.predict_labels): twice the inference time.
     """
 
     convention: str | None = None
@@ -120,6 +121,7 @@ class SegmentOptions:
     progress: bool = False
     prefetch: bool = True
     crop_slices: bool = True
+    tta: bool = False
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -191,7 +193,7 @@ def segment_case(model: torch.nn.Module, meta: dict, case: Case | Prepared, out_
         labels, probs = predict_labels(model, pre.image, pre.mask, batch_size=options.batch_size,
                                        device=options.device, probabilities=options.probabilities,
                                        progress=options.progress, desc=case.case_id,
-                                       crop_slices=options.crop_slices)
+                                       crop_slices=options.crop_slices, tta=options.tta)
     t2 = time.perf_counter()
     labels[~pre.mask] = 0
     final = pp.postprocess(labels, options.postprocess)

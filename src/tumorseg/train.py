@@ -15,18 +15,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import signal
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from tumorseg import checkpoint as ckpt
+from tumorseg.augment import AugmentConfig, augment
 from tumorseg.config import to_dict
 from tumorseg.errors import TumorsegInputError
 from tumorseg.io import atomic_write
@@ -34,7 +37,10 @@ from tumorseg.labels import CANONICAL_REGIONS
 from tumorseg.models import Cascade, build_model, fastconv
 from tumorseg.models.fastconv import EngineOptions
 from tumorseg.preprocess import PreprocessSettings
-from tumorseg.sampling import SAMPLING_MODES, Sampler, class_frequencies, prepare
+from tumorseg.sampling import SAMPLING_MODES, Sampler, SliceData, class_frequencies, prepare
+
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
 
 
 @dataclass(frozen=True)
@@ -47,8 +53,11 @@ class PhaseConfig:
     batch_size: int = 8  # tiles per step (global, over all ranks)
     tile: int = 1  # T: a tile yields T x T outputs; 1 = the paper's single 33x33 patches
     output_layer_only: bool = False
-    optimizer: str = "sgd"  # sgd | adam
+    optimizer: str = "sgd"  # sgd | adam | adamw
+    weight_decay: float = 0.0  # adamw's decoupled weight decay
     lr: float = 0.005
+    schedule: str = "linear"  # linear: per epoch, as below | cosine: per step, lr -> lr * lr_decay
+    warmup_steps: int = 0  # cosine: linear warm-up from 0
     lr_decay: float = 0.1  # the learning rate falls linearly to lr * lr_decay ...
     lr_decay_epochs: int = 10  # ... over this many epochs
     momentum: tuple[float, float] = (0.5, 0.9)  # rises linearly ...
@@ -57,13 +66,20 @@ class PhaseConfig:
     l2: float = 0.0
     max_norm: float = 0.0  # bound on each kernel's L2 norm; 0 = off
     grad_clip: float = 0.0  # bound on the gradient's global L2 norm; 0 = off
+    loss: str = "ce"  # ce: weighted cross-entropy | ce_dice: + dice_weight x soft Dice of the regions
+    dice_weight: float = 1.0
     patience: int = 0  # early stopping: epochs without validation gain; 0 = off
+    keep: str = "best"  # with validation: the weights of the best epoch, or the last
 
     def __post_init__(self):
         if self.sampling not in SAMPLING_MODES:
             raise ValueError(f"sampling must be one of {SAMPLING_MODES}, got {self.sampling!r}")
-        if self.optimizer not in ("sgd", "adam"):
-            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
+        for key, value, valid in (("optimizer", self.optimizer, OPTIMIZERS),
+                                  ("schedule", self.schedule, ("linear", "cosine")),
+                                  ("loss", self.loss, ("ce", "ce_dice")),
+                                  ("keep", self.keep, ("best", "last"))):
+            if value not in valid:
+                raise ValueError(f"{key} must be one of {valid}, got {value!r}")
         if self.tile < 1 or self.batch_size < 1 or self.epochs < 0 or self.steps_per_epoch < 1:
             raise ValueError("tile, batch_size and steps_per_epoch must be >= 1, epochs >= 0")
 
@@ -75,7 +91,8 @@ class DataConfig:
     train: list[str] = field(default_factory=list)
     val: list[str] = field(default_factory=list)
     val_fraction: float = 0.2
-    val_slices: int = 8  # axial slices per validation case for early stopping
+    val_slices: int = 0  # 0: whole volumes through the segment pipeline; n: n axial slices, raw
+    val_every: int = 1  # validate every n epochs (and after each phase's last)
     cache_dir: str = ""  # preprocessing cache; default RUN_DIR/cache
     layout: str = ""  # override layout detection
     labels: str = ""  # override the label convention
@@ -89,6 +106,7 @@ class TrainConfig:
     first_stage: str = ""  # cascades: model file of the first TwoPathCNN; empty = train it here
     preprocess: PreprocessSettings = PreprocessSettings()
     data: DataConfig = DataConfig()
+    augment: AugmentConfig = AugmentConfig()
     phase1: PhaseConfig = PhaseConfig(sampling="balanced")
     phase2: PhaseConfig = PhaseConfig(sampling="natural", output_layer_only=True, epochs=2)
     checkpoint_every: int = 50  # steps
@@ -161,20 +179,56 @@ def validation_slices(mask: np.ndarray, n: int) -> list[int]:
     return [int(zs[i]) for i in np.linspace(0, len(zs) - 1, n).round().astype(int)]
 
 
-def validate(model, cases, n_slices: int, device) -> dict[str, float]:
-    """Mean Dice per region over `cases` (Preprocessed), on `n_slices` slices each, computed with
-    the whole-slice inference path."""
-    from tumorseg.infer import predict_volume
+def prior_correction(class_freq: np.ndarray) -> np.ndarray:
+    """[5] factors that turn a balanced-sampling model's probabilities into natural ones.
+
+    Balanced sampling trains every present class with prior 1/K; Bayes' rule turns p_bal(c|x)
+    into p(c|x) by dividing by that prior and multiplying by the natural class frequency, then
+    renormalising: the factors are the frequencies (classes never seen in training get 0).
+    """
+    return np.asarray(class_freq, np.float64) / max(float(np.sum(class_freq)), 1e-12)
+
+
+def validate_cases(model, cases, n_slices: int, device,
+                   class_weights: np.ndarray | None = None) -> list[dict]:
+    """Per-case Dice of each region over `cases` (Preprocessed with labels).
+
+    n_slices = 0: what `tumorseg segment` does on the whole volume (each slice's brain box,
+    voxels outside the brain 0, default post-processing), so selection optimises the pipeline
+    users run. n_slices > 0: the raw argmax on `n_slices` evenly spaced axial slices (quick).
+    class_weights: see infer.predict_labels (a prior correction). Returns one dict per case:
+    {"case_id", "whole", "core", "enhancing", "mean"}.
+    """
+    from tumorseg import postprocess as pp
+    from tumorseg.infer import predict_labels, predict_volume
     from tumorseg.metrics import dice
 
-    scores = {r: [] for r in CANONICAL_REGIONS}
+    rows = []
     for pre in cases:
-        zs = validation_slices(pre.mask, n_slices)
-        pred = predict_volume(model, pre.image, zs, device=device).argmax(0)
-        ref = pre.label[..., zs]
+        if n_slices:
+            zs = validation_slices(pre.mask, n_slices)
+            probs = predict_volume(model, pre.image, zs, device=device)
+            if class_weights is not None:
+                probs *= np.asarray(class_weights, np.float32)[:, None, None, None]
+            pred, ref = probs.argmax(0), pre.label[..., zs]
+        else:
+            pred, _ = predict_labels(model, pre.image, pre.mask, device=device,
+                                     class_weights=class_weights)
+            pred[~pre.mask] = 0
+            pred, ref = pp.postprocess(pred, pp.PostprocessConfig()), pre.label
+        row = {"case_id": pre.case_id}
         for region, classes in CANONICAL_REGIONS.items():
-            scores[region].append(dice(np.isin(pred, classes), np.isin(ref, classes)))
-    return {r: float(np.mean(v)) for r, v in scores.items()}
+            row[region] = dice(np.isin(pred, classes), np.isin(ref, classes))
+        row["mean"] = float(np.mean([row[r] for r in CANONICAL_REGIONS]))
+        rows.append(row)
+    return rows
+
+
+def validate(model, cases, n_slices: int, device, class_weights: np.ndarray | None = None
+             ) -> dict[str, float]:
+    """Mean over `cases` of each region's Dice and of their mean ("mean"); see validate_cases."""
+    rows = validate_cases(model, cases, n_slices, device, class_weights)
+    return {k: float(np.mean([r[k] for r in rows])) for k in (*CANONICAL_REGIONS, "mean")}
 
 
 # -- the training function ---------------------------------------------------------------------
@@ -285,6 +339,7 @@ def _train(cfg: TrainConfig, data_root: str | Path, run_dir: str | Path, resume:
         saved = None
 
     stop = {"signal": None}
+    run = _Run(cfg, model, data, val_cases, meta, run_dir, device, rank, world, progress, stop, log)
 
     def on_signal(signum, _frame):
         stop["signal"] = signum
@@ -297,8 +352,7 @@ def _train(cfg: TrainConfig, data_root: str | Path, run_dir: str | Path, resume:
             p_idx = state["phase"]
             p = phases[p_idx]
             if p.epochs > 0:
-                _run_phase(cfg, p, p_idx, model, data, val_cases, state, saved, meta, run_dir,
-                           device, rank, world, progress, stop, log)
+                _run_phase(run, p, p_idx, state, saved)
             saved = None
             if p_idx + 1 < len(phases):
                 state.update(phase=p_idx + 1, epoch=0, step=0, best=-1.0, best_state=None, bad_epochs=0)
@@ -310,9 +364,12 @@ def _train(cfg: TrainConfig, data_root: str | Path, run_dir: str | Path, resume:
         for s, h in old.items():
             signal.signal(s, h)
 
-    final = validate(model, val_cases, cfg.data.val_slices, device) if val_cases else {}
+    per_case = validate_cases(model, val_cases, cfg.data.val_slices, device) if val_cases else []
+    final = {k: float(np.mean([r[k] for r in per_case])) for k in (*CANONICAL_REGIONS, "mean")} \
+        if per_case else {}
     summary = {"model": cfg.model, "run_dir": str(run_dir), "train_cases": train_ids,
                "val_cases": val_ids, "phases": state["phase_log"], "val_dice": final,
+               "val_dice_per_case": per_case,
                "seconds": round(time.time() - t0, 1), "model_file": str(run_dir / "model.pt")}
     if world > 1:  # every rank must end with the same weights; record each rank's digest
         digests: list = [None] * world
@@ -366,39 +423,89 @@ def _save_checkpoint(path, model, optimizer, state, meta) -> None:
     ckpt.save(path, payload)
 
 
-def _run_phase(cfg, p: PhaseConfig, p_idx, model, data, val_cases, state, saved, meta, run_dir,
-               device, rank, world, progress, stop, log) -> None:
+@dataclass
+class _Run:
+    """What the phases of one training run share."""
+
+    cfg: TrainConfig
+    model: torch.nn.Module
+    data: SliceData
+    val_cases: list
+    meta: dict
+    run_dir: Path
+    device: str
+    rank: int
+    world: int
+    progress: bool
+    stop: dict  # {"signal": None | signum}, set by the signal handler
+    log: Callable[[str], object]
+
+
+def _lr_at(p: PhaseConfig, epoch: int, step: int) -> float:
+    """Learning rate of `step` (0-based, within the phase) in `epoch`."""
+    if p.schedule == "linear":
+        return _schedule(p, epoch)[0]
+    if step < p.warmup_steps:
+        return p.lr * (step + 1) / p.warmup_steps
+    total = max(p.epochs * p.steps_per_epoch - p.warmup_steps, 1)
+    t = min((step - p.warmup_steps) / total, 1.0)
+    low = p.lr * p.lr_decay
+    return low + 0.5 * (p.lr - low) * (1.0 + math.cos(math.pi * t))
+
+
+def _optimizer(p: PhaseConfig, params: list) -> torch.optim.Optimizer:
+    if p.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=p.lr, momentum=p.momentum[0])
+    if p.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=p.lr, weight_decay=p.weight_decay)
+    return torch.optim.Adam(params, lr=p.lr)
+
+
+def soft_dice_loss(logits: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """1 - mean over the three regions of the soft Dice on the pixels with w > 0.
+
+    logits [N, 5, T, T]; y [N, T, T] canonical classes; w [N, T, T] loss weights. One Dice per
+    region over the whole batch (batch Dice), smoothed by 1 so tumour-free batches are defined.
+    """
+    probs = torch.softmax(logits, dim=1)
+    valid = (w > 0).to(probs.dtype)
+    terms = []
+    for classes in CANONICAL_REGIONS.values():
+        pr = probs[:, list(classes)].sum(1) * valid
+        gt = torch.isin(y, torch.tensor(classes, device=y.device)).to(probs.dtype) * valid
+        terms.append((2 * (pr * gt).sum() + 1) / (pr.sum() + gt.sum() + 1))
+    return 1 - torch.stack(terms).mean()
+
+
+def _run_phase(run: _Run, p: PhaseConfig, p_idx: int, state: dict, saved: dict | None) -> None:
     from tqdm import tqdm
 
-    main_rank = rank == 0
+    cfg, model, device, world = run.cfg, run.model, run.device, run.world
+    main_rank = run.rank == 0
     head = model.output_layer()
     for param in model.parameters():
         param.requires_grad_(False)
     trainable_module = head if p.output_layer_only else (model.second if isinstance(model, Cascade) else model)
     trainable_module.requires_grad_(True)
     params = [q for q in model.parameters() if q.requires_grad]
-    lr, mom = _schedule(p, state["epoch"])
-    opt = torch.optim.SGD(params, lr=lr, momentum=mom) if p.optimizer == "sgd" \
-        else torch.optim.Adam(params, lr=lr)
+    opt = _optimizer(p, params)
     if saved is not None and saved.get("optimizer") is not None:
         opt.load_state_dict(saved["optimizer"])
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model)
-    sampler = Sampler(data, model.receptive_field, p.tile, p.sampling)
-    ckpt_path = run_dir / "checkpoint.pt"
-    metrics_path = run_dir / "metrics.jsonl"
+    sampler = Sampler(run.data, model.receptive_field, p.tile, p.sampling)
+    # Balanced sampling teaches a uniform class prior; validation scores the natural posterior.
+    val_weights = prior_correction(sampler.class_freq) if p.sampling == "balanced" else None
+    ckpt_path = run.run_dir / "checkpoint.pt"
+    metrics_path = run.run_dir / "metrics.jsonl"
     rf_outputs = p.tile * p.tile
     phase_start = time.time()
-    interactive = progress and sys.stderr.isatty()
+    interactive = run.progress and sys.stderr.isatty()
 
     while state["epoch"] < p.epochs:
         epoch = state["epoch"]
-        lr, mom = _schedule(p, epoch)
-        for group in opt.param_groups:
-            group["lr"] = lr
-            if p.optimizer == "sgd":
-                group["momentum"] = mom
+        _, mom = _schedule(p, epoch)
         model.train()
         if p.output_layer_only:  # frozen layers keep their batch-norm statistics
             for m in model.modules():
@@ -408,18 +515,29 @@ def _run_phase(cfg, p: PhaseConfig, p_idx, model, data, val_cases, state, saved,
                    desc=f"phase {p_idx + 1} epoch {epoch + 1}/{p.epochs}", unit="step",
                    disable=not (interactive and main_rank), leave=False)
         t_epoch, n_seen = time.time(), 0
+        lr = _lr_at(p, epoch, max(state["step"] - 1, 0))  # logged if the epoch's steps are all done
         while state["step"] < (epoch + 1) * p.steps_per_epoch:
             step = state["step"]
+            lr = _lr_at(p, epoch, step)
+            for group in opt.param_groups:
+                group["lr"] = lr
+                if p.optimizer == "sgd":
+                    group["momentum"] = mom
             rng = np.random.default_rng(_step_seed(cfg.seed, p_idx, step))
             torch.manual_seed(int(np.random.SeedSequence(_step_seed(cfg.seed, p_idx, step)).generate_state(1)[0]))
             anchors = sampler.anchors(rng, p.batch_size)
             labels, weights = sampler.targets(anchors)
-            mine = list(range(rank, p.batch_size, world))
-            x = torch.from_numpy(sampler.images([anchors[i] for i in mine])).to(device)
-            y = torch.from_numpy(labels[mine]).to(device)
-            w = torch.from_numpy(weights[mine]).to(device)
+            images = sampler.images(anchors)
+            if cfg.augment.enabled:
+                images, labels, weights = augment(images, labels, weights, rng, cfg.augment)
+            mine = list(range(run.rank, p.batch_size, world))
+            x = torch.from_numpy(np.ascontiguousarray(images[mine])).to(device)
+            y = torch.from_numpy(np.ascontiguousarray(labels[mine])).to(device)
+            w = torch.from_numpy(np.ascontiguousarray(weights[mine])).to(device)
             logits = net(x)  # [n, 5, T, T]
             loss = (F.cross_entropy(logits, y, reduction="none") * w).sum() * world
+            if p.loss == "ce_dice":  # per rank's share under torchrun: not the global batch Dice
+                loss = loss + p.dice_weight * soft_dice_loss(logits, y, w)
             if p.l1 or p.l2:
                 kernels = _kernels(params)
                 loss = loss + p.l1 * sum(k.abs().sum() for k in kernels) \
@@ -441,37 +559,42 @@ def _run_phase(cfg, p: PhaseConfig, p_idx, model, data, val_cases, state, saved,
             if main_rank and (state["step"] % 10 == 0 or state["step"] == 1):
                 _append(metrics_path, {"phase": p_idx + 1, "epoch": epoch + 1, "step": state["step"],
                                        "loss": loss_value, "lr": lr, "momentum": mom})
-            if stop["signal"] is not None:
+            if run.stop["signal"] is not None:
                 if main_rank:
-                    _save_checkpoint(ckpt_path, model, opt, state, meta)
-                raise Interrupted(f"signal {stop['signal']}: checkpoint saved to {ckpt_path}; "
+                    _save_checkpoint(ckpt_path, model, opt, state, run.meta)
+                raise Interrupted(f"signal {run.stop['signal']}: checkpoint saved to {ckpt_path}; "
                                   f"continue with --resume")
             if main_rank and cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
-                _save_checkpoint(ckpt_path, model, opt, state, meta)
+                _save_checkpoint(ckpt_path, model, opt, state, run.meta)
         bar.close()
         state["epoch"] = epoch + 1
         row = {"phase": p_idx + 1, "epoch": epoch + 1, "step": state["step"], "loss": state["loss"],
                "lr": lr, "patches_per_s": round(n_seen / max(time.time() - t_epoch, 1e-9), 1)}
-        if val_cases:
-            scores = validate(model, val_cases, cfg.data.val_slices, device)
+        due = state["epoch"] % max(cfg.data.val_every, 1) == 0 or state["epoch"] == p.epochs
+        if run.val_cases and due:
+            t_val = time.time()
+            scores = validate(model, run.val_cases, cfg.data.val_slices, device, val_weights)
             row.update({f"val_dice_{r}": v for r, v in scores.items()})
-            if scores["whole"] > state["best"]:
-                state["best"], state["bad_epochs"] = scores["whole"], 0
-                state["best_state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            row["val_seconds"] = round(time.time() - t_val, 1)
+            if scores["mean"] > state["best"]:
+                state["best"], state["bad_epochs"] = scores["mean"], 0
+                if p.keep == "best":
+                    state["best_state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
             else:
                 state["bad_epochs"] += 1
         if main_rank:
             _append(metrics_path, row)
-            log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+            run.log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
         if p.patience and state["bad_epochs"] >= p.patience:
-            log(f"phase {p_idx + 1}: early stop after epoch {epoch + 1} (no gain for {p.patience} epochs)")
+            run.log(f"phase {p_idx + 1}: early stop after epoch {epoch + 1} (no gain for {p.patience} "
+                    f"validations)")
             break
         if main_rank:
-            _save_checkpoint(ckpt_path, model, opt, state, meta)
+            _save_checkpoint(ckpt_path, model, opt, state, run.meta)
     if state["best_state"] is not None:
         model.load_state_dict(state["best_state"])  # early stopping keeps the best epoch's weights
     state["phase_log"].append({"phase": p_idx + 1, "sampling": p.sampling, "epochs": state["epoch"],
-                               "steps": state["step"], "best_val_dice_whole": state["best"],
+                               "steps": state["step"], "best_val_dice_mean": state["best"],
                                "seconds": round(time.time() - phase_start, 1)})
 
 

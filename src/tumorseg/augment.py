@@ -1,0 +1,65 @@
+"""Training-time augmentation of dense tiles (not in Havaei et al.; off in the paper configs).
+
+Two kinds, drawn per tile from the step's numpy Generator (so a run stays reproducible and
+resumable, see tumorseg.train):
+- mirror: each tile is flipped along x and/or y, its input window and its targets together.
+  The input window extends the output tile by the receptive field's margin, equal on both sides
+  for every model here (rf odd), so the flipped input still lines up with the flipped targets;
+- intensity: each modality of each tile is scaled by U(1 - scale, 1 + scale) and shifted by
+  U(-shift, +shift) (in z-score units), on brain pixels only (preprocessing leaves 0 outside
+  the brain, and zero padding must stay zero to match whole-slice inference).
+
+Why: the released weights fit their training cases far better than unseen ones
+(../shared/notes/accuracy-diagnosis.md); scanners differ in contrast, and tumours occur in
+either hemisphere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Which augmentations training applies; all off by default (the paper's recipe)."""
+
+    mirror: bool = False  # random flips along x and y
+    scale: float = 0.0  # per modality: multiply by U(1 - scale, 1 + scale)
+    shift: float = 0.0  # per modality: add U(-shift, shift), z-score units
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.scale < 1.0 or self.shift < 0.0:
+            raise ValueError(f"augment: need 0 <= scale < 1 and shift >= 0, got scale={self.scale}, "
+                             f"shift={self.shift}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.mirror or self.scale > 0 or self.shift > 0
+
+
+def augment(images: np.ndarray, labels: np.ndarray, weights: np.ndarray, rng: np.random.Generator,
+            cfg: AugmentConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Augment a batch of tiles in place and return it.
+
+    images: [N, C, T + rf - 1, T + rf - 1] float32; labels, weights: [N, T, T]. The draws are
+    made for all N tiles in a fixed order whatever `cfg` enables, so a rank that keeps a subset
+    of the batch afterwards sees the same tiles as a single process.
+    """
+    n, c = images.shape[:2]
+    flips = rng.random((n, 2)) < 0.5
+    scales = rng.uniform(1.0 - cfg.scale, 1.0 + cfg.scale, (n, c)).astype(np.float32)
+    shifts = rng.uniform(-cfg.shift, cfg.shift, (n, c)).astype(np.float32)
+    for i in range(n):
+        if cfg.scale > 0 or cfg.shift > 0:
+            brain = np.any(images[i] != 0, axis=0)
+            for ch in range(c):
+                images[i, ch][brain] = images[i, ch][brain] * scales[i, ch] + shifts[i, ch]
+        if cfg.mirror:
+            for axis in (0, 1):
+                if flips[i, axis]:
+                    images[i] = np.flip(images[i], axis + 1)
+                    labels[i] = np.flip(labels[i], axis)
+                    weights[i] = np.flip(weights[i], axis)
+    return images, labels, weights

@@ -1,0 +1,145 @@
+"""k-fold cross-validation of a training recipe (`tumorseg crossval`).
+
+Each fold trains the recipe on the other folds' cases, segments its own cases with the same
+pipeline as `tumorseg segment` (files written, then read back), and scores them with
+`tumorseg evaluate`'s metrics. Nothing of a fold's cases is seen by its model, so the pooled
+figures are honest estimates for unseen cases of the same population, as long as nothing else
+(epochs, thresholds) was chosen on the same numbers; docs/MODEL_CARD.md says what was.
+
+Folds are stratified: cases of each stratum (e.g. grade, from the dataset's `cases.csv`) are
+dealt round-robin, rarest stratum first, so every fold gets its share of LGG cases.
+Every fold's run folder holds a resumable training run; a killed cross-validation continues
+where it stopped when run again with the same arguments.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from tumorseg.errors import TumorsegInputError
+from tumorseg.io import atomic_write
+from tumorseg.labels import CANONICAL_REGIONS
+
+REGIONS = tuple(CANONICAL_REGIONS)
+
+
+def assign_folds(case_ids: list[str], k: int, strata: dict[str, str] | None = None,
+                 seed: int = 0) -> list[list[str]]:
+    """Split `case_ids` into `k` folds whose sizes differ by at most one.
+
+    strata: case id -> group (missing ids form one group). Each group, rarest first, is dealt
+    round-robin in a seeded random order, continuing from the fold where the last group stopped.
+    """
+    if not 2 <= k <= len(case_ids):
+        raise TumorsegInputError("--folds", f"need 2 <= folds <= {len(case_ids)} cases, got {k}")
+    groups: dict[str, list[str]] = {}
+    for cid in sorted(case_ids):
+        groups.setdefault((strata or {}).get(cid, ""), []).append(cid)
+    rng = np.random.default_rng(seed)
+    folds: list[list[str]] = [[] for _ in range(k)]
+    i = 0
+    for key in sorted(groups, key=lambda g: (len(groups[g]), g)):
+        for j in rng.permutation(len(groups[key])):
+            folds[i % k].append(groups[key][j])
+            i += 1
+    return [sorted(f) for f in folds]
+
+
+def read_strata(data_root: str | Path, column: str = "grade") -> dict[str, str]:
+    """case id -> `column` from `data_root/cases.csv` if it exists (as in ../shared), else {}."""
+    path = Path(data_root) / "cases.csv"
+    if not path.is_file():
+        return {}
+    with open(path, newline="") as fh:
+        return {row["case_id"]: row.get(column, "") for row in csv.DictReader(fh)}
+
+
+def summarize_folds(rows: list[dict], folds: list[list[str]]) -> dict:
+    """Per-fold and pooled means of Dice and HD95 per region (rows: metrics.evaluate_cases rows,
+    region names as in the convention). HD95 means skip infinite values; "mean_dice" is the
+    mean of the three regions' Dice."""
+    def stats(sel: list[dict]) -> dict:
+        out = {}
+        for region in REGIONS:
+            rs = [r for r in sel if r["region"] == region]
+            out[f"dice_{region}"] = float(np.mean([r["dice"] for r in rs])) if rs else float("nan")
+            hd = [r["hd95"] for r in rs if np.isfinite(r["hd95"])]
+            out[f"hd95_{region}"] = float(np.mean(hd)) if hd else float("nan")
+        out["mean_dice"] = float(np.mean([out[f"dice_{r}"] for r in REGIONS]))
+        out["cases"] = len({r["case_id"] for r in sel})
+        return out
+
+    per_fold = [stats([r for r in rows if r["case_id"] in set(f)]) for f in folds]
+    return {"pooled": stats(rows), "per_fold": per_fold}
+
+
+def run_crossval(cfg, data_root: str | Path, out_dir: str | Path, k: int = 4, seed: int = 0,
+                 only: list[int] | None = None, segment_options=None, progress: bool = True,
+                 log: Callable[[str], object] = print) -> dict:
+    """Cross-validate TrainConfig `cfg` over the labelled cases under `data_root`.
+
+    Writes out_dir/folds.json, out_dir/fold<i>/ (a training run, plus seg/ with the fold's
+    label maps), out_dir/cases.csv (one row per case and region: fold, grade, Dice, HD95, ...)
+    and out_dir/crossval.json (per-fold and pooled means). `only`: run these folds now (0-based;
+    the tables cover the folds finished so far). Returns the crossval.json content.
+    """
+    from tumorseg import checkpoint as ckpt
+    from tumorseg import metrics
+    from tumorseg.datasets import find_cases
+    from tumorseg.labels import get_convention
+    from tumorseg.segment import SegmentOptions, output_paths, segment_cases
+    from tumorseg.train import train
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cases = [c for c in find_cases(data_root, layout=cfg.data.layout or None,
+                                   labels=cfg.data.labels or None) if c.label is not None]
+    by_id = {c.case_id: c for c in cases}
+    strata = read_strata(data_root)
+    folds = assign_folds(sorted(by_id), k, strata, seed)
+    folds_path = out_dir / "folds.json"
+    if folds_path.exists() and json.loads(folds_path.read_text())["folds"] != folds:
+        raise TumorsegInputError(folds_path, "holds other folds than these arguments give: "
+                                             "use a new output folder")
+    with atomic_write(folds_path) as tmp:
+        tmp.write_text(json.dumps({"k": k, "seed": seed, "folds": folds}, indent=2))
+    cache = cfg.data.cache_dir or str(out_dir / "cache")
+    options = segment_options or SegmentOptions(progress=False)
+
+    for i in (range(k) if only is None else only):
+        run_dir = out_dir / f"fold{i}"
+        train_ids = [c for f in folds[:i] + folds[i + 1:] for c in f]
+        fold_cfg = dataclasses.replace(cfg, data=dataclasses.replace(
+            cfg.data, train=train_ids, val=list(folds[i]), cache_dir=cache))
+        if not (run_dir / "summary.json").exists():
+            log(f"fold {i}: training on {len(train_ids)} cases, validating on {folds[i]}")
+            train(fold_cfg, data_root, run_dir, resume=(run_dir / "checkpoint.pt").exists(),
+                  progress=progress, log=log)
+        model, meta = ckpt.load_model(run_dir / "model.pt")
+        seg_dir = run_dir / "seg"
+        _, failures = segment_cases((model, meta), [by_id[c] for c in folds[i]], seg_dir, options,
+                                    continue_=True)
+        for cid, reason in failures:
+            log(f"fold {i}: case {cid} failed: {reason}")
+
+    rows = []
+    for i, fold in enumerate(folds):
+        seg_dir = out_dir / f"fold{i}" / "seg"
+        for cid in fold:
+            pred = output_paths(by_id[cid], seg_dir, options.output_format)["labels"]
+            if not pred.exists():
+                continue
+            conv = get_convention(by_id[cid].convention)
+            for row in metrics.evaluate_cases([(cid, pred, by_id[cid].label)], conv):
+                rows.append({"fold": i, "grade": strata.get(cid, ""), **row})
+    summary = {"k": k, "seed": seed, "folds": folds, **summarize_folds(rows, folds)}
+    if rows:
+        metrics.write_csv(rows, out_dir / "cases.csv", leading=("fold", "grade"))
+    metrics.write_json(summary, out_dir / "crossval.json")
+    return summary

@@ -1,0 +1,74 @@
+"""Training augmentation (tumorseg.augment): flips keep inputs and targets aligned, intensity
+changes touch brain pixels only, and the draws are reproducible."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tumorseg.augment import AugmentConfig, augment
+
+RF, T = 5, 4  # a toy receptive field: the input window is T + RF - 1 = 8 pixels wide
+
+
+def _batch(n=6, seed=0):
+    rng = np.random.default_rng(seed)
+    images = rng.standard_normal((n, 4, T + RF - 1, T + RF - 1)).astype(np.float32)
+    images[:, :, :2, :] = 0  # outside the brain
+    labels = rng.integers(0, 5, (n, T, T))
+    weights = rng.random((n, T, T)).astype(np.float32)
+    return images, labels, weights
+
+
+def test_mirror_flips_window_and_targets_together():
+    images, labels, weights = _batch()
+    before = [a.copy() for a in (images, labels, weights)]
+    out = augment(images, labels, weights, np.random.default_rng(3), AugmentConfig(mirror=True))
+    flips = np.random.default_rng(3).random((len(images), 2)) < 0.5  # the same first draw
+    assert flips.any() and not flips.all()
+    margin = (RF - 1) // 2
+    for i in range(len(images)):
+        axes = [a for a in (0, 1) if flips[i, a]]
+        img, lab, w = before[0][i], before[1][i], before[2][i]
+        for a in axes:
+            img, lab, w = np.flip(img, a + 1), np.flip(lab, a), np.flip(w, a)
+        np.testing.assert_array_equal(out[0][i], img)
+        np.testing.assert_array_equal(out[1][i], lab)
+        np.testing.assert_array_equal(out[2][i], w)
+        # the output pixel (u, v) still sees the input window centred on it: the window's centre
+        # pixel of output (0, 0) is the flipped image's pixel (margin, margin)
+        assert out[0][i][0, margin, margin] == img[0, margin, margin]
+    assert np.isclose(out[2].sum(), before[2].sum())
+
+
+def test_intensity_changes_brain_pixels_only_within_bounds():
+    images, labels, weights = _batch()
+    original = images.copy()
+    cfg = AugmentConfig(scale=0.2, shift=0.3)
+    out, lab, _ = augment(images, labels.copy(), weights, np.random.default_rng(1), cfg)
+    np.testing.assert_array_equal(lab, labels)  # no flips without mirror
+    assert np.all(out[:, :, :2, :] == 0)  # zero padding / outside the brain stays zero
+    rng = np.random.default_rng(1)
+    rng.random((len(images), 2))
+    scales = rng.uniform(0.8, 1.2, (len(images), 4)).astype(np.float32)
+    shifts = rng.uniform(-0.3, 0.3, (len(images), 4)).astype(np.float32)
+    expected = original * scales[:, :, None, None] + shifts[:, :, None, None]
+    np.testing.assert_allclose(out[:, :, 2:, :], expected[:, :, 2:, :], rtol=1e-6, atol=1e-6)
+    assert np.all((scales >= 0.8) & (scales <= 1.2)) and np.abs(shifts).max() <= 0.3
+
+
+def test_same_generator_same_batch_and_off_is_identity():
+    a = augment(*_batch(), np.random.default_rng(7), AugmentConfig(mirror=True, scale=0.1, shift=0.1))
+    b = augment(*_batch(), np.random.default_rng(7), AugmentConfig(mirror=True, scale=0.1, shift=0.1))
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+    off = augment(*_batch(), np.random.default_rng(7), AugmentConfig())
+    for x, y in zip(off, _batch()):
+        np.testing.assert_array_equal(x, y)
+    assert not AugmentConfig().enabled and AugmentConfig(shift=0.1).enabled
+
+
+@pytest.mark.parametrize("kw", [{"scale": 1.0}, {"scale": -0.1}, {"shift": -1.0}])
+def test_bad_settings_are_refused(kw):
+    with pytest.raises(ValueError, match="augment"):
+        AugmentConfig(**kw)

@@ -1,0 +1,85 @@
+"""k-fold cross-validation (tumorseg.crossval): stratified folds, and the pooled tables equal an
+independent scoring of the label maps each fold wrote."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from tumorseg.cli import main
+from tumorseg.crossval import assign_folds, read_strata
+from tumorseg.phantom import make_phantom, write_phantom
+
+
+def test_folds_are_disjoint_balanced_and_stratified():
+    ids = [f"c{i:02d}" for i in range(24)]
+    strata = {cid: ("LGG" if cid in ("c05", "c17", "c20") else "HGG") for cid in ids}
+    folds = assign_folds(ids, 4, strata, seed=0)
+    assert sorted(c for f in folds for c in f) == ids
+    assert [len(f) for f in folds] == [6, 6, 6, 6]
+    assert sorted(sum(strata[c] == "LGG" for c in f) for f in folds) == [0, 1, 1, 1]
+    assert assign_folds(ids, 4, strata, seed=0) == folds  # seeded
+    assert assign_folds(ids, 4, strata, seed=1) != folds
+    assert [len(f) for f in assign_folds(ids[:7], 3)] == [3, 2, 2]
+
+
+def test_read_strata_of_the_shared_cases(shared_data):
+    strata = read_strata(shared_data)
+    assert len(strata) == 24
+    assert sorted(c for c, g in strata.items() if g == "LGG") == ["Brats18_TCIA10_628_1",
+                                                                  "Brats18_TCIA10_639_1"]
+
+
+@pytest.mark.parametrize("k", [1, 5])
+def test_impossible_fold_counts_are_refused(k):
+    with pytest.raises(Exception, match="folds"):
+        assign_folds(["a", "b", "c", "d"], k)
+
+
+def test_crossval_end_to_end_on_phantoms(tmp_path, capsys):
+    root = tmp_path / "data"
+    for i in range(4):
+        write_phantom(make_phantom((40, 44, 20), seed=i, case_id=f"ph{i}"), root, "brats2017")
+    out = tmp_path / "cv"
+    args = ["crossval", "--config", "configs/tiny.toml", "--data", str(root), "--out", str(out),
+            "--folds", "2", "--no-progress", "threads=1", "phase1.epochs=1",
+            "phase1.steps_per_epoch=4", "phase1.tile=8", "phase2.steps_per_epoch=2", "phase2.tile=8",
+            "augment.mirror=true"]
+    assert main(args) == 0
+    folds = json.loads((out / "folds.json").read_text())["folds"]
+    assert sorted(c for f in folds for c in f) == ["ph0", "ph1", "ph2", "ph3"]
+    for i, fold in enumerate(folds):  # each fold's model never saw its own cases
+        summary = json.loads((out / f"fold{i}" / "summary.json").read_text())
+        assert summary["val_cases"] == fold and not set(summary["train_cases"]) & set(fold)
+
+    with open(out / "cases.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 4 * 3
+    # independent scoring of each written label map against its reference (BraTS 2017 labels)
+    regions = {"whole": (1, 2, 4), "core": (1, 4), "enhancing": (4,)}
+    dice = {}
+    for i, fold in enumerate(folds):
+        for cid in fold:
+            pred = np.asarray(nib.load(out / f"fold{i}" / "seg" / f"{cid}.nii.gz").dataobj)
+            ref = np.asarray(nib.load(root / cid / f"{cid}_seg.nii.gz").dataobj)
+            for region, labels in regions.items():
+                p, r = np.isin(pred, labels), np.isin(ref, labels)
+                dice[cid, region] = 1.0 if not (p.any() or r.any()) else 2 * (p & r).sum() / (p.sum() + r.sum())
+    for row in rows:
+        assert float(row["dice"]) == pytest.approx(dice[row["case_id"], row["region"]])
+        assert int(row["fold"]) == next(i for i, f in enumerate(folds) if row["case_id"] in f)
+    summary = json.loads((out / "crossval.json").read_text())
+    for region in regions:
+        assert summary["pooled"][f"dice_{region}"] == pytest.approx(
+            np.mean([dice[c, region] for f in folds for c in f]))
+        assert summary["per_fold"][0][f"dice_{region}"] == pytest.approx(
+            np.mean([dice[c, region] for c in folds[0]]))
+    assert "pooled over 4 cases" in capsys.readouterr().out
+
+    mtimes = {p: p.stat().st_mtime_ns for p in out.glob("fold*/model.pt")}
+    assert main(args) == 0  # run again: finished folds are not retrained
+    assert {p: p.stat().st_mtime_ns for p in out.glob("fold*/model.pt")} == mtimes
