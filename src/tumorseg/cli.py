@@ -77,6 +77,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_crossval(args) -> int:
+    import torch
+
     from tumorseg.config import load_config
     from tumorseg.crossval import run_crossval
     from tumorseg.segment import SegmentOptions
