@@ -65,9 +65,10 @@ def load_model(path: str | Path, expected_sha256: str | None = None,
             raise TumorsegInputError(path, f"sha256 {digest[:12]}... does not match the released "
                                            f"{expected_sha256[:12]}...; the file is corrupt")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad file
-        raise TumorsegInputError(path, f"not a readable tumorseg model: {type(exc).__name__}") from None
+        raise TumorsegInputError(path, f"not a readable tumorseg model ({type(exc).__name__}; "
+                                       "only tensors and plain settings are loaded)") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise TumorsegInputError(path, f"not a tumorseg model file (format {FORMAT} expected)")
     model = build_from_meta(payload)

@@ -318,7 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common_data(p, auto=True)
     p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("demo", help="the whole pipeline on synthetic cases (a few minutes)")
-    p.add_argument("--out", default="tumorseg_demo", help="work folder (replaced)")
+    p.add_argument("--out", default="tumorseg_demo",
+                   help="work folder: created, or replaced if an earlier demo made it "
+                        "(default %(default)s)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
     return parser

@@ -158,9 +158,18 @@ def _match(path: Path) -> list[_Hit]:
 
 
 def _walk(root: Path) -> list[Path]:
-    """Volume files under root (sorted), skipping hidden files and folders ('._x', '.tmp')."""
+    """Volume files under root (sorted), skipping hidden files and folders ('._x', '.tmp').
+
+    Symbolic links to folders are followed (a subset of a dataset is often a folder of links
+    to case folders); a link back to a folder already walked is skipped, so cycles end."""
     found = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         found += [Path(dirpath) / f for f in sorted(filenames) if not f.startswith(".")]
     return found

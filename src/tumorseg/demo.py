@@ -15,6 +15,7 @@ from pathlib import Path
 
 from tumorseg import metrics
 from tumorseg.datasets import find_cases
+from tumorseg.errors import TumorsegInputError
 from tumorseg.evaluate import evaluate_folder
 from tumorseg.phantom import make_phantom, write_phantom
 from tumorseg.postprocess import PostprocessConfig
@@ -23,6 +24,7 @@ from tumorseg.train import DataConfig, PhaseConfig, TrainConfig, train
 from tumorseg.weights import RELEASED, resolve_model
 
 N_CASES = 6
+MARKER = ".tumorseg-demo"  # marks a folder the demo made and may replace
 SHAPE = (96, 96, 48)
 # Phantom tumours are a few thousand voxels: scale the clean-up thresholds to them.
 DEMO_POSTPROCESS = PostprocessConfig(min_component_voxels=100, min_enhancing_voxels=20)
@@ -39,11 +41,22 @@ DEMO_TRAIN = TrainConfig(
 
 
 def run_demo(out: str | Path = "tumorseg_demo", progress: bool = True, log=print) -> dict:
-    """Run the demo into `out` (replaced if it exists). Returns {"files": [...], "tables": {...}}."""
+    """Run the demo into `out`. Returns {"files": [...], "tables": {...}}.
+
+    A previous demo's folder (it holds the MARKER file) is replaced; any other existing,
+    non-empty `out` is refused, so `--out .` can never delete the user's files."""
     t0 = time.time()
     out = Path(out)
     if out.exists():
-        shutil.rmtree(out)
+        if not out.is_dir():
+            raise TumorsegInputError(out, "exists and is not a folder: choose another --out")
+        if (out / MARKER).is_file():
+            shutil.rmtree(out)
+        elif any(out.iterdir()):
+            raise TumorsegInputError(out, f"is not empty and holds no {MARKER} (not made by "
+                                          "tumorseg demo): choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("made by tumorseg demo; the next demo run replaces this folder\n")
     data, test = out / "data", out / "heldout"
     log(f"1/5 writing {N_CASES} synthetic cases {SHAPE} to {data}/ (BraTS 2017 layout)")
     for seed in range(N_CASES - 1):

@@ -201,8 +201,9 @@ def predict_labels(model: torch.nn.Module, image: np.ndarray, mask: np.ndarray |
     weights = None
     if class_weights is not None:
         weights = torch.as_tensor(class_weights, dtype=torch.float32).reshape(1, -1, 1, 1)
-    if tta and len(set(dense_padding(rf))) != 1:
-        raise ValueError(f"tta needs a symmetric receptive-field margin, got {dense_padding(rf)}")
+    if tta and len(set(dense_padding(rf))) != 1:  # an even receptive field: flips misalign
+        raise TumorsegInputError("--tta", f"needs a model with an odd receptive field; this "
+                                          f"one has {rf}")
     with tqdm(total=len(boxes), desc=desc, unit="slice", disable=not progress, leave=False) as bar:
         for batch in _box_batches(boxes, batch_size):
             with torch.no_grad():

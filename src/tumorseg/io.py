@@ -183,6 +183,21 @@ def _write_mha(tmp: Path, data: np.ndarray, reference: Volume) -> None:
     sitk.WriteImage(img, str(tmp), True)
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (/proc), else set and
+    restored at once."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
@@ -200,6 +215,7 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual mode
         os.replace(tmp, path)
     finally:
         if tmp.exists():

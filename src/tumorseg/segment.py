@@ -275,6 +275,9 @@ def segment_cases(model_spec, cases: Sequence[Case], out_dir: str | Path,
 
     from tqdm import tqdm
 
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise TumorsegInputError(out_dir, "output exists and is not a folder: -o names the "
+                                          "folder the label maps go to")
     mine = select_part(cases, num_parts, part_id)
     for case in mine:  # validates the format and conventions before any work
         output_paths(case, out_dir, **options.outputs())

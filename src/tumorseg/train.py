@@ -328,7 +328,7 @@ def _train(cfg: TrainConfig, data_root: str | Path, run_dir: str | Path, resume:
     state = {"phase": 0, "epoch": 0, "step": 0, "best": -1.0, "best_state": None, "bad_epochs": 0,
              "done": False, "phase_log": [], "loss": None}
     if resume and ckpt_path.exists():
-        saved = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        saved = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         model.load_state_dict(saved["state_dict"])
         state.update({k: saved.get(k, v) for k, v in state.items()})
         log(f"resumed from {ckpt_path}: phase {state['phase'] + 1}, epoch {state['epoch']}, "

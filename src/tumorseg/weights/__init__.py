@@ -91,7 +91,7 @@ def release(model_file: str | Path, name: str, weights_dir: Path | None = None,
     from tumorseg.io import atomic_write
 
     weights_dir = weights_dir or WEIGHTS_DIR
-    payload = torch.load(model_file, map_location="cpu", weights_only=False)
+    payload = torch.load(model_file, map_location="cpu", weights_only=True)
     keep = ("format", "model", "model_options", "receptive_field", "first_options", "preprocess",
             "convention", "train_cases", "val_cases", "seed", "summary")
     out = {k: payload[k] for k in keep if k in payload}
