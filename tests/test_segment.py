@@ -326,6 +326,31 @@ def test_class_weights_and_mirror_tta_match_an_independent_computation(tmp_path)
     np.testing.assert_allclose(probs[inside], np.moveaxis(both, 0, -1)[inside], atol=1e-3)
 
 
+@pytest.mark.parametrize("name", ["input_cascade", "local_cascade", "mf_cascade"])
+def test_cascades_run_stage_by_stage_with_the_joint_forwards_result(name):
+    """predict_labels runs a cascade's first CNN over every box, then its second: labels equal
+    the joint dense forward's (predict_volume), and with --tta the mean of both mirrors'."""
+    from tumorseg.infer import predict_labels, predict_volume
+
+    torch.manual_seed(0)
+    model = build_model(name, local_maps=(4, 4), global_maps=6, dropout=0.0, init="default").eval()
+    image = np.random.default_rng(2).standard_normal((4, 22, 26, 5)).astype(np.float32)
+    mask = np.zeros((22, 26, 5), bool)
+    mask[4:17, 3:20, :4] = True
+    labels, probs = predict_labels(model, image, mask, batch_size=2, probabilities=True)
+    dense = predict_volume(model, image)
+    np.testing.assert_array_equal(labels[mask], dense.argmax(0)[mask])
+    np.testing.assert_allclose(probs[mask], np.moveaxis(dense, 0, -1)[mask], atol=1e-3)
+    assert np.all(labels[..., 4] == 0)
+    if name == "local_cascade":  # even receptive field: no mirror TTA
+        with pytest.raises(TumorsegInputError, match="--tta"):
+            predict_labels(model, image, mask, tta=True)
+        return
+    labels_tta, _ = predict_labels(model, image, mask, tta=True)
+    mirrored = predict_volume(model, image[:, ::-1].copy())[:, ::-1]
+    np.testing.assert_array_equal(labels_tta[mask], (dense + mirrored).argmax(0)[mask])
+
+
 def test_validation_scores_what_segment_writes(tmp_path, phantom_small):
     """train.validate_cases (whole volumes) gives the Dice of segment's output files."""
     from tumorseg import metrics

@@ -24,7 +24,7 @@ import torch
 
 from tumorseg.errors import TumorsegInputError
 from tumorseg.labels import N_CLASSES
-from tumorseg.models import dense_logits, dense_padding
+from tumorseg.models import PATCH, Cascade, dense_logits, dense_padding, fastconv
 
 DEVICES = ("auto", "cpu", "cuda")
 BATCH_SIZE = 2  # slice boxes per forward pass: bounds peak memory (speed is the same at 4)
@@ -128,10 +128,13 @@ def _box_batches(boxes: list[SliceBox], batch_size: int) -> Iterator[list[SliceB
         yield batch
 
 
-def _window(image: np.ndarray, batch: list[SliceBox], rf: int) -> torch.Tensor:
+def _window(image: np.ndarray, batch: list[SliceBox], rf: int, before: int | None = None
+            ) -> torch.Tensor:
     """The model input for a batch of equal-size boxes: [b, C, sx + rf - 1, sy + rf - 1], the
-    box plus the receptive field's margin, zero outside the volume (as `dense_logits` pads)."""
-    before, _ = dense_padding(rf)
+    box plus the receptive field's margin, zero outside the volume (as `dense_logits` pads).
+    It starts `before` pixels before the box (default: `dense_padding(rf)`'s)."""
+    if before is None:
+        before, _ = dense_padding(rf)
     c, nx, ny, _ = image.shape
     sx, sy = batch[0].sx, batch[0].sy
     out = np.zeros((len(batch), c, sx + rf - 1, sy + rf - 1), np.float32)
@@ -141,6 +144,62 @@ def _window(image: np.ndarray, batch: list[SliceBox], rf: int) -> torch.Tensor:
         xb, yb = min(x0 + sx + rf - 1, nx), min(y0 + sy + rf - 1, ny)
         out[i, :, xa - x0:xb - x0, ya - y0:yb - y0] = image[:, xa:xb, ya:yb, b.z]
     return torch.from_numpy(out)
+
+
+def _softmax(net, x: torch.Tensor, tta: bool) -> torch.Tensor:
+    """softmax(net(x)) over classes, averaged with the x-mirrored input's (flipped back) when
+    `tta`; the window is symmetric about its box, so the flips line up."""
+    probs = torch.softmax(net(x), dim=1)
+    if tta:
+        probs += torch.softmax(net(x.flip(2)), dim=1).flip(2)
+        probs *= 0.5
+    return probs
+
+
+def _box_probs(model: torch.nn.Module, image: np.ndarray, boxes: list[SliceBox], batch_size: int,
+               device, tta: bool, bar) -> Iterator[tuple[list[SliceBox], torch.Tensor]]:
+    """(batch of boxes, softmax [b, 5, sx, sy] on the CPU) for every box.
+
+    A cascade runs stage by stage over all the boxes: the first CNN's probabilities of every
+    box (plus the second CNN's margin) are kept, about 100 MB for a BraTS volume, then the
+    second CNN runs. The results are those of the joint forward (same windows, same
+    operations), but only one stage's kernel spectra (~200 MB each) and working set are alive
+    at a time, which bounds the peak memory near a single TwoPathCNN's.
+    """
+    rf = model.receptive_field
+    if not isinstance(model, Cascade):
+        for batch in _box_batches(boxes, batch_size):
+            with torch.no_grad():
+                probs = _softmax(model, _window(image, batch, rf).to(device), tta)
+            bar.update(len(batch))
+            yield batch, probs.cpu()
+        return
+    first: dict[int, list[torch.Tensor]] = {}
+    for batch in _box_batches(boxes, batch_size):
+        with torch.no_grad():
+            x = _window(image, batch, rf).to(device)
+            views = [x, x.flip(2)] if tta else [x]
+            p1 = [torch.softmax(model.first(v), dim=1) for v in views]
+        for i, b in enumerate(batch):
+            first[b.z] = [p[i].clone() for p in p1]  # clone: do not pin the batch's tensor
+        bar.update(len(batch))
+    fastconv.release_spectra()  # the first stage's kernel spectra are not needed any more
+    fastconv.release_freed_memory()  # nor its working set, whose block sizes stage 2 lacks
+    before, _ = dense_padding(rf)
+    o, r = model.offset, rf - PATCH
+    for batch in _box_batches(boxes, batch_size):
+        with torch.no_grad():
+            x2 = _window(image, batch, rf - r, before - o).to(device)  # joint forward's x2
+            p1 = [torch.stack([first[b.z][k] for b in batch]) for k in range(1 + tta)]
+            probs = torch.softmax(model.second_stage(x2, p1[0]), dim=1)
+            if tta:  # p1[1] was computed on the mirrored window: flip it back afterwards
+                probs += torch.softmax(model.second_stage(x2.flip(2), p1[1]), dim=1).flip(2)
+                probs *= 0.5
+        for b in batch:
+            del first[b.z]
+        bar.update(len(batch))
+        yield batch, probs.cpu()
+    fastconv.release_spectra()
 
 
 def _argmax_classes(probs: torch.Tensor) -> torch.Tensor:
@@ -204,23 +263,17 @@ def predict_labels(model: torch.nn.Module, image: np.ndarray, mask: np.ndarray |
     if tta and len(set(dense_padding(rf))) != 1:  # an even receptive field: flips misalign
         raise TumorsegInputError("--tta", f"needs a model with an odd receptive field; this "
                                           f"one has {rf}")
-    with tqdm(total=len(boxes), desc=desc, unit="slice", disable=not progress, leave=False) as bar:
-        for batch in _box_batches(boxes, batch_size):
-            with torch.no_grad():
-                x = _window(image, batch, rf).to(device)
-                probs = torch.softmax(model(x), dim=1)  # [b, 5, sx, sy]
-                if tta:  # the window is symmetric about its box, so flips line up
-                    probs += torch.softmax(model(x.flip(2)), dim=1).flip(2)
-                    probs *= 0.5
-                probs = probs.cpu()
-                if weights is not None:
-                    probs *= weights
-                    probs /= probs.sum(1, keepdim=True)
+    stages = 2 if isinstance(model, Cascade) else 1
+    with tqdm(total=stages * len(boxes), desc=desc, unit="slice", disable=not progress,
+              leave=False) as bar:
+        for batch, probs in _box_probs(model, image, boxes, batch_size, device, tta, bar):
+            if weights is not None:
+                probs *= weights
+                probs /= probs.sum(1, keepdim=True)
             lab = _argmax_classes(probs).numpy()
             for i, b in enumerate(batch):
                 window = (slice(b.x0, b.x0 + b.sx), slice(b.y0, b.y0 + b.sy), b.z)
                 labels[window] = lab[i]
                 if probs_out is not None:  # [5, sx, sy] -> (sx, sy, 5)
                     probs_out[window] = np.moveaxis(probs[i].numpy(), 0, -1)
-            bar.update(len(batch))
     return labels, probs_out

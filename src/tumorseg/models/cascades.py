@@ -53,6 +53,12 @@ class Cascade(nn.Module):
         probs = torch.softmax(self.first(x), dim=1)  # [B, 5, S-32, S'-32]
         o, r = self.offset, self.receptive_field - PATCH
         x2 = x[..., o:o + s - r, o:o + t - r]  # the second stage's window: [B, 4, S-r, S'-r]
+        return self.second_stage(x2, probs)
+
+    def second_stage(self, x2: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        """The second CNN on its window x2 [B, 4, S-r, S'-r] and the first stage's softmax
+        probs [B, 5, S-32, S'-32] (see forward) -> logits [B, 5, S-rf+1, S'-rf+1]. Inference
+        runs the stages one after the other over a whole volume (infer.predict_labels)."""
         if self.join == "input":
             return self.second(torch.cat([x2, probs], 1))  # 9 input channels
         return self.second(x2, extra=probs)

@@ -312,6 +312,13 @@ class _SpectrumCache:
 _spectra = _SpectrumCache()
 
 
+def release_spectra() -> None:
+    """Drop every cached kernel spectrum (a cascade's inference does between its stages, so
+    one stage's spectrum is alive at a time)."""
+    with _spectra.lock:
+        _spectra.items.clear()
+
+
 def _irfft_valid(yf: torch.Tensor, nh: int, nw: int, rows: slice, cols: slice) -> torch.Tensor:
     """irfft2 of a frequency-major [nh*nf, A, B] spectrum, cropped: [A, B, rows, cols]."""
     return torch.fft.irfft2(_spatial_major(yf, nh, nw // 2 + 1), s=(nh, nw))[..., rows, cols]
