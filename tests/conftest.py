@@ -57,6 +57,8 @@ BAD_EXPECT = {
     "nan": (f"{BAD_CASE}_t1ce.nii.gz", "NaN"),
     "inf": (f"{BAD_CASE}_t1ce.nii.gz", "Inf"),
     "all_zero": (f"{BAD_CASE}_t2.nii.gz", "all zero"),
+    "constant_in_brain": (f"{BAD_CASE}_flair.nii.gz", "distinct non-zero values"),
+    "binary_mask": (f"{BAD_CASE}_t2.nii.gz", "distinct non-zero values"),
     "truncated_gzip": (f"{BAD_CASE}_t1.nii.gz", "truncated"),
     "corrupt_gzip": (f"{BAD_CASE}_t1.nii.gz", "corrupt"),
     "label_out_of_range": (f"{BAD_CASE}_seg.nii.gz", "outside"),
@@ -111,6 +113,10 @@ def make_bad_dataset(tmp_path: Path, kind: str) -> Path:
         _save(f["t1ce"], bad, aff)
     elif kind == "all_zero":
         _save(f["t2"], np.zeros_like(t1), aff)
+    elif kind == "constant_in_brain":
+        _save(f["flair"], np.where(t1 != 0, 500, 0).astype(t1.dtype), aff)
+    elif kind == "binary_mask":  # a brain mask saved where the T2 belongs
+        _save(f["t2"], (t1 != 0).astype(np.uint8), aff)
     elif kind == "truncated_gzip":
         data = f["t1"].read_bytes()
         f["t1"].write_bytes(data[: len(data) // 2])

@@ -374,12 +374,28 @@ def load_case(case: Case) -> LoadedCase:
             if case.channels:
                 what = f"channel {case.channels[m]} ({_DISPLAY[m]})"
             raise TumorsegInputError(sources[m], f"{what} is all zero")
+        if _few_values(image[i]):
+            what = f"channel {case.channels[m]} ({_DISPLAY[m]})" if case.channels else f"modality {m}"
+            raise TumorsegInputError(sources[m], f"{what} has fewer than {MIN_DISTINCT} distinct "
+                                                 "non-zero values: not an MRI (a mask or a "
+                                                 "constant image?)")
     label = None
     if case.label is not None:
         lab = read_volume(case.label, allowed_ndim=(3,))
         _check_geometry(lab, reference, what="label")
         label = get_convention(case.convention).encode(lab.data, where=str(case.label))
     return LoadedCase(case, image, label, reference, reference.spacing)
+
+
+MIN_DISTINCT = 10  # fewer distinct non-zero intensities than this: not an MR image
+
+
+def _few_values(vol: np.ndarray) -> bool:
+    """True if `vol` has fewer than MIN_DISTINCT distinct non-zero values. A strided sample
+    answers for real images in milliseconds; only a suspicious one is checked in full."""
+    if len(np.unique(vol.ravel()[::101])) > MIN_DISTINCT:
+        return False
+    return len(np.unique(vol[vol != 0])) < MIN_DISTINCT
 
 
 def _check_geometry(vol: Volume, ref: Volume, what: str = "image") -> None:
