@@ -233,3 +233,55 @@ def test_real_brats2018_cases(shared_data):
     assert set(np.unique(loaded.label)) == {0, 1, 2, 4}
     expected = int(table[cases[0].case_id]["voxels_label1_ncr_net"])
     assert np.count_nonzero(loaded.label == 1) == expected
+
+
+# -- dataset.json labels (nnU-Net / MSD) -----------------------------------------------------------
+
+def _relabel_dataset(root, labels: dict, convention: str, phantom) -> None:
+    """Rewrite dataset.json's labels and every label map in `convention`'s file values."""
+    import json
+
+    from tumorseg.io import Volume, write_volume
+    from tumorseg.labels import CONVENTIONS
+
+    meta = json.loads((root / "dataset.json").read_text())
+    meta["labels"] = labels
+    (root / "dataset.json").write_text(json.dumps(meta))
+    ref = Volume(phantom.label, phantom.affine, phantom.spacing, root)
+    for path in (root / "labelsTr").glob("*.nii.gz"):
+        write_volume(path, CONVENTIONS[convention].decode(phantom.label), ref)
+
+
+@pytest.mark.parametrize("labels, convention", [
+    ({"background": 0, "NETC": 1, "SNFH": 2, "ET": 3}, "brats2023"),
+    ({"background": 0, "NCR": 1, "ED": 2, "ET": 4}, "brats2017"),
+    ({"0": "background", "1": "edema", "2": "non-enhancing tumor", "3": "enhancing tumour"}, "msd"),
+])
+def test_nnunet_labels_come_from_dataset_json(tmp_path, labels, convention):
+    from tumorseg.phantom import make_phantom, write_phantom
+
+    ph = make_phantom((32, 32, 16), seed=0, case_id="c0")
+    root = write_phantom(ph, tmp_path, "nnunet")
+    _relabel_dataset(root, labels, convention, ph)
+    from tumorseg.labels import CONVENTIONS
+
+    (case,) = find_cases(root)
+    assert case.convention == convention
+    conv = CONVENTIONS[convention]  # canonical classes back, as the convention can hold them
+    np.testing.assert_array_equal(load_case(case).label, conv.encode(conv.decode(ph.label)))
+
+
+def test_unknown_dataset_json_labels_are_refused(tmp_path):
+    from tumorseg.phantom import make_phantom, write_phantom
+
+    ph = make_phantom((32, 32, 16), seed=0, case_id="c0")
+    root = write_phantom(ph, tmp_path, "nnunet")
+    _relabel_dataset(root, {"background": 0, "whole tumor": [1, 2, 3], "tumor core": [2, 3],
+                            "enhancing tumor": 3}, "msd", ph)
+    with pytest.raises(TumorsegInputError, match="dataset.json.*region lists"):
+        find_cases(root)
+    _relabel_dataset(root, {"background": 0, "tumour": 1, "cyst": 2, "bleed": 3}, "msd", ph)
+    with pytest.raises(TumorsegInputError, match="no known convention"):
+        find_cases(root)
+    (case,) = find_cases(root, labels="msd")  # --labels overrides dataset.json
+    assert case.convention == "msd"

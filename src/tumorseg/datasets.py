@@ -11,6 +11,9 @@ Layouts (detected from file names; `layout=` overrides):
     nnunet     nnU-Net raw data: imagesTr/<id>_0000.nii.gz .. _0003, labelsTr/<id>.nii.gz,
                channel order from dataset.json "channel_names" (or "modality")
 
+For msd and nnunet, the label convention comes from dataset.json's "labels" when present
+(MSD, BraTS 2017 and BraTS 2023 label sets are recognised by name and value), else MSD's.
+
 Whatever the layout, `load_case` returns images as (4, x, y, z) float32 in MODALITIES order and
 labels as canonical classes (see tumorseg.labels), with the volume to write results against.
 """
@@ -224,6 +227,7 @@ def find_cases(
         groups.setdefault((h.case_dir, h.case_id), []).append(h)
     ids = _case_ids(root, layout, list(groups))
     channel_orders: dict[Path, dict[str, int]] = {}
+    json_conventions: dict[Path, str] = {}
     cases: dict[str, Case] = {}
     folders: dict[str, Path] = {}
     for (case_dir, _), group in sorted(groups.items(), key=lambda kv: ids[kv[0]]):
@@ -232,13 +236,16 @@ def find_cases(
             key = case_dir.parent if case_dir.name in _IMAGE_FOLDERS else case_dir
             if key not in channel_orders:
                 channel_orders[key] = _channel_order(key / "dataset.json")
+                json_conventions[key] = labels or _label_convention(key / "dataset.json") \
+                    or convention
         try:
             if cid in cases:
                 raise TumorsegInputError(
                     case_dir, f"duplicate case id {cid!r}, also in {folders[cid]}"
                 )
             if layout in ("msd", "nnunet"):
-                case = _build_4d(cid, layout, convention, case_dir, group, channel_orders[key])
+                case = _build_4d(cid, layout, json_conventions[key], case_dir, group,
+                                 channel_orders[key])
             else:
                 case = _build_3d(cid, layout, convention, case_dir, group)
         except TumorsegInputError as err:
@@ -316,14 +323,66 @@ def _build_4d(
     return Case(cid, layout, convention, images, {}, label)
 
 
-def _channel_order(path: Path) -> dict[str, int]:
-    """modality -> channel index from an MSD / nnU-Net dataset.json; the default if absent."""
+def _read_json(path: Path) -> dict | None:
+    """dataset.json's content, None if absent; unreadable is an error naming the file."""
     if not path.is_file():
-        return dict(_DEFAULT_CHANNELS)
+        return None
     try:
-        meta = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise TumorsegInputError(path, f"cannot read dataset.json: {exc}") from None
+
+
+# Label names found in dataset.json files (normalised as channel names) -> meaning.
+_LABEL_MEANINGS = {
+    "background": "background",
+    "edema": "oedema", "oedema": "oedema", "ed": "oedema", "snfh": "oedema",
+    "peritumoraledema": "oedema", "surroundingnonenhancingflairhyperintensity": "oedema",
+    "nonenhancingtumor": "non-enhancing", "nonenhancingtumour": "non-enhancing",
+    "netc": "non-enhancing", "ncr": "non-enhancing", "ncr/net": "non-enhancing",
+    "necrosis": "non-enhancing", "necrotictumorcore": "non-enhancing",
+    "nonenhancingtumorcore": "non-enhancing", "necrotic": "non-enhancing",
+    "enhancingtumor": "enhancing", "enhancingtumour": "enhancing", "et": "enhancing",
+    "enhancing": "enhancing",
+}  # fmt: skip
+# (oedema, non-enhancing/necrotic core, enhancing) file values -> convention.
+_LABEL_VALUES = {(1, 2, 3): "msd", (2, 1, 3): "brats2023", (2, 1, 4): "brats2017"}
+
+
+def _label_convention(path: Path) -> str | None:
+    """The label convention a dataset.json's "labels" declare (MSD style {"1": "edema"} or
+    nnU-Net v2 style {"edema": 1}); None without a dataset.json or a "labels" entry.
+    Labels that match no known convention (or nnU-Net's region lists) are an error: guessing
+    would swap classes silently (a BraTS 2023 dataset read as MSD swaps necrosis and oedema)."""
+    meta = _read_json(path)
+    raw = meta.get("labels") if isinstance(meta, dict) else None
+    if not raw or not isinstance(raw, dict):
+        return None
+    pairs = []
+    for key, value in raw.items():
+        value_is_int = isinstance(value, int) and not isinstance(value, bool)
+        name, number = (key, value) if value_is_int else (value, key)
+        try:
+            pairs.append((re.sub(r"[-_ ]", "", str(name).lower()), int(number)))
+        except (TypeError, ValueError):
+            raise TumorsegInputError(path, f"labels {raw}: expected one integer value per label "
+                                           "(region lists are not supported)") from None
+    meaning = {}
+    for name, number in pairs:
+        if name in _LABEL_MEANINGS:
+            meaning[_LABEL_MEANINGS[name]] = number
+    values = (meaning.get("oedema"), meaning.get("non-enhancing"), meaning.get("enhancing"))
+    if values not in _LABEL_VALUES or len(pairs) != 4:
+        raise TumorsegInputError(path, f"labels {raw} match no known convention (MSD, BraTS "
+                                       "2017, BraTS 2023): pass --labels")
+    return _LABEL_VALUES[values]
+
+
+def _channel_order(path: Path) -> dict[str, int]:
+    """modality -> channel index from an MSD / nnU-Net dataset.json; the default if absent."""
+    meta = _read_json(path)
+    if meta is None:
+        return dict(_DEFAULT_CHANNELS)
     names = (meta.get("channel_names") or meta.get("modality")) if isinstance(meta, dict) else None
     if not names:
         return dict(_DEFAULT_CHANNELS)
