@@ -277,7 +277,7 @@ def test_resume_after_a_kill_at_an_epoch_boundary(interrupted_runs, phantoms, tm
     if where == "validation":
         def die(*args, **kwargs):
             raise _Died
-        monkeypatch.setattr(tumorseg.train, "validate", die)
+        monkeypatch.setattr(tumorseg.train, "validate_cases", die)
     else:
         anchors = tumorseg.sampling.Sampler.anchors
         calls = {"n": 0}
@@ -544,13 +544,21 @@ def test_recipe_options_train_and_reject_bad_values(tmp_path, phantoms):
     root, cache = phantoms
     extra = ["data.val_slices=0", "augment.mirror=true", "augment.scale=0.1", "augment.shift=0.1",
              "phase1.optimizer=\"adamw\"", "phase1.weight_decay=0.01", "phase1.schedule=\"cosine\"",
-             "phase1.warmup_steps=2", "phase1.loss=\"ce_dice\"", "phase1.keep=\"last\""]
+             "phase1.warmup_steps=2", "phase1.loss=\"ce_dice\"", "phase1.keep=\"last\"",
+             "phase2.keep=\"last\""]
     runs = [run_train(root, tmp_path / f"run{i}", overrides(cache, P1, P2, extra=extra))
             for i in range(2)]
     digests = [state_digest(torch.load(tmp_path / f"run{i}" / "model.pt", weights_only=False)["state_dict"])
                for i in range(2)]
     assert digests[0] == digests[1]  # seeded augmentation: reproducible
     assert runs[0]["val_dice"]["mean"] == runs[1]["val_dice"]["mean"]
+    # the summary reuses the last epoch's validation of the final weights: it equals a fresh one
+    from tumorseg.preprocess import cache_path, load_preprocessed
+    from tumorseg.train import validate_cases
+
+    model, _ = ckpt.load_model(tmp_path / "run0" / "model.pt")
+    fresh = validate_cases(model, [load_preprocessed(cache_path(cache, "ph2"))], 0, "cpu")
+    assert runs[0]["val_dice_per_case"] == fresh
     for key, bad in (("optimizer", "lbfgs"), ("schedule", "step"), ("loss", "focal"), ("keep", "first")):
         with pytest.raises(ValueError, match=key):
             PhaseConfig(**{key: bad})

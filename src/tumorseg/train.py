@@ -227,7 +227,10 @@ def validate_cases(model, cases, n_slices: int, device,
 def validate(model, cases, n_slices: int, device, class_weights: np.ndarray | None = None
              ) -> dict[str, float]:
     """Mean over `cases` of each region's Dice and of their mean ("mean"); see validate_cases."""
-    rows = validate_cases(model, cases, n_slices, device, class_weights)
+    return _mean_scores(validate_cases(model, cases, n_slices, device, class_weights))
+
+
+def _mean_scores(rows: list[dict]) -> dict[str, float]:
     return {k: float(np.mean([r[k] for r in rows])) for k in (*CANONICAL_REGIONS, "mean")}
 
 
@@ -326,7 +329,7 @@ def _train(cfg: TrainConfig, data_root: str | Path, run_dir: str | Path, resume:
         meta["first_stage"] = str(first_path)
 
     state = {"phase": 0, "epoch": 0, "step": 0, "best": -1.0, "best_state": None, "bad_epochs": 0,
-             "done": False, "phase_log": [], "loss": None}
+             "done": False, "phase_log": [], "loss": None, "last_val": None}
     if resume and ckpt_path.exists():
         saved = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         model.load_state_dict(saved["state_dict"])
@@ -364,9 +367,12 @@ def _train(cfg: TrainConfig, data_root: str | Path, run_dir: str | Path, resume:
         for s, h in old.items():
             signal.signal(s, h)
 
-    per_case = validate_cases(model, val_cases, cfg.data.val_slices, device) if val_cases else []
-    final = {k: float(np.mean([r[k] for r in per_case])) for k in (*CANONICAL_REGIONS, "mean")} \
-        if per_case else {}
+    last = state["last_val"]
+    if last and last["phase"] == len(phases) - 1 and last["step"] == state["step"]:
+        per_case = last["rows"]  # the last epoch's validation scored these very weights
+    else:
+        per_case = validate_cases(model, val_cases, cfg.data.val_slices, device) if val_cases else []
+    final = _mean_scores(per_case) if per_case else {}
     summary = {"model": cfg.model, "run_dir": str(run_dir), "train_cases": train_ids,
                "val_cases": val_ids, "phases": state["phase_log"], "val_dice": final,
                "val_dice_per_case": per_case,
@@ -573,7 +579,11 @@ def _run_phase(run: _Run, p: PhaseConfig, p_idx: int, state: dict, saved: dict |
         due = state["epoch"] % max(cfg.data.val_every, 1) == 0 or state["epoch"] == p.epochs
         if run.val_cases and due:
             t_val = time.time()
-            scores = validate(model, run.val_cases, cfg.data.val_slices, device, val_weights)
+            rows = validate_cases(model, run.val_cases, cfg.data.val_slices, device, val_weights)
+            scores = _mean_scores(rows)
+            # what the run's final summary would compute again, if these weights are the last
+            state["last_val"] = None if val_weights is not None else \
+                {"phase": p_idx, "step": state["step"], "rows": rows}
             row.update({f"val_dice_{r}": v for r, v in scores.items()})
             row["val_seconds"] = round(time.time() - t_val, 1)
             if scores["mean"] > state["best"]:
@@ -593,6 +603,7 @@ def _run_phase(run: _Run, p: PhaseConfig, p_idx: int, state: dict, saved: dict |
             _save_checkpoint(ckpt_path, model, opt, state, run.meta)
     if state["best_state"] is not None:
         model.load_state_dict(state["best_state"])  # early stopping keeps the best epoch's weights
+        state["last_val"] = None
     state["phase_log"].append({"phase": p_idx + 1, "sampling": p.sampling, "epochs": state["epoch"],
                                "steps": state["step"], "best_val_dice_mean": state["best"],
                                "seconds": round(time.time() - phase_start, 1)})

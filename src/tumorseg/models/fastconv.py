@@ -553,16 +553,26 @@ class Planner:
         return f"{platform.machine()}|{cpu_name()}|torch {torch.__version__}|" \
                f"threads {torch.get_num_threads()}|v{PLAN_VERSION}"
 
-    def _load(self) -> None:
+    def _read(self) -> dict:
+        if self.path is None or not self.path.is_file():
+            return {}
+        try:
+            data = json.loads(self.path.read_text())
+            return data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def _load(self, again: bool = False) -> None:
+        """Choices of this machine from the plan file, merged under the ones in memory."""
         machine = self.machine()
-        if self._loaded_for == machine:
+        if self._loaded_for == machine and not again:
             return
-        self._loaded_for, self.choices = machine, {}
-        if self.path is not None and self.path.is_file():
-            try:
-                self.choices = dict(json.loads(self.path.read_text()).get(machine, {}))
-            except (OSError, ValueError, AttributeError):
-                self.choices = {}
+        if self._loaded_for != machine:
+            self.choices = {}
+        self._loaded_for = machine
+        saved = self._read().get(machine, {})
+        if isinstance(saved, dict):
+            self.choices = {**saved, **self.choices}
 
     def _save(self) -> None:
         if self.path is None:
@@ -570,16 +580,35 @@ class Planner:
         try:
             from tumorseg.io import atomic_write
 
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                data = json.loads(self.path.read_text()) if self.path.is_file() else {}
-            except (OSError, ValueError):
-                data = {}
-            data[self.machine()] = self.choices
+            data = self._read()
+            data[self.machine()] = {**data.get(self.machine(), {}), **self.choices}
             with atomic_write(self.path) as tmp:
                 tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
         except OSError:
             pass  # a read-only home: the plan stays in memory
+
+    @contextlib.contextmanager
+    def _file_lock(self):
+        """An exclusive lock shared by every process using the plan file, held while a choice
+        is measured and saved: processes that start together (a resumed run beside another,
+        torchrun ranks) make each choice once and all use it, so their arithmetic is identical."""
+        if self.path is None:
+            yield
+            return
+        try:
+            import fcntl
+
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fh = open(self.path.with_name(self.path.name + ".lock"), "a")
+        except (ImportError, OSError):  # no fcntl (Windows) or a read-only home: no sharing
+            yield
+            return
+        with fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
     def choose(self, key: str, candidates: dict[str, Callable[[], object]]) -> str:
         """The name of the fastest candidate for `key`; the first candidate is the reference and
@@ -591,21 +620,26 @@ class Planner:
             self._load()
             if key in self.choices and self.choices[key] in candidates:
                 return self.choices[key]
-        times = {}
-        for name, run in candidates.items():
-            times[name] = float("inf")
-            for _ in range(2):  # the best of two: first-call setup or a busy moment can't decide
-                t0 = time.perf_counter()
-                run()
-                times[name] = min(times[name], time.perf_counter() - t0)
-        reference = next(iter(times))
-        best = min(times, key=times.get)
-        if times[best] > times[reference] * (1 - MARGIN):
-            best = reference
-        with self.lock:
-            self.choices[key] = best
-            self.timings[key] = {n: round(t, 5) for n, t in times.items()}
-            self._save()
+        with self._file_lock():
+            with self.lock:
+                self._load(again=True)  # another process may have chosen meanwhile
+                if key in self.choices and self.choices[key] in candidates:
+                    return self.choices[key]
+            times = {}
+            for name, run in candidates.items():
+                times[name] = float("inf")
+                for _ in range(2):  # the best of two: first-call setup or a busy moment can't decide
+                    t0 = time.perf_counter()
+                    run()
+                    times[name] = min(times[name], time.perf_counter() - t0)
+            reference = next(iter(times))
+            best = min(times, key=times.get)
+            if times[best] > times[reference] * (1 - MARGIN):
+                best = reference
+            with self.lock:
+                self.choices[key] = best
+                self.timings[key] = {n: round(t, 5) for n, t in times.items()}
+                self._save()
         return best
 
 
