@@ -83,3 +83,8 @@ def test_crossval_end_to_end_on_phantoms(tmp_path, capsys):
     mtimes = {p: p.stat().st_mtime_ns for p in out.glob("fold*/model.pt")}
     assert main(args) == 0  # run again: finished folds are not retrained
     assert {p: p.stat().st_mtime_ns for p in out.glob("fold*/model.pt")} == mtimes
+    assert main(args + ["--tta"]) == 0  # the same fold models, mirrored test-time augmentation
+    assert {p: p.stat().st_mtime_ns for p in out.glob("fold*/model.pt")} == mtimes
+    tta = json.loads((out / "crossval_tta.json").read_text())
+    assert tta["pooled"]["cases"] == 4 and (out / "fold0" / "seg_tta").is_dir()
+    assert json.loads((out / "crossval.json").read_text()) == summary  # plain tables untouched

@@ -254,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fold", type=int, action="append", metavar="I",
                    help="run only fold I (0-based; repeatable); default all")
     p.add_argument("--seed", type=int, default=0, help="seed of the fold assignment")
-    p.add_argument("--tta", action="store_true", help="segment the folds with --tta")
+    p.add_argument("--tta", action="store_true",
+                   help="segment the folds with --tta (seg_tta/, cases_tta.csv, crossval_tta.json)")
     p.add_argument("--threads", type=_positive_int, default=None, metavar="N")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")

@@ -86,7 +86,8 @@ def run_crossval(cfg, data_root: str | Path, out_dir: str | Path, k: int = 4, se
 
     Writes out_dir/folds.json, out_dir/fold<i>/ (a training run, plus seg/ with the fold's
     label maps), out_dir/cases.csv (one row per case and region: fold, grade, Dice, HD95, ...)
-    and out_dir/crossval.json (per-fold and pooled means). `only`: run these folds now (0-based;
+    and out_dir/crossval.json (per-fold and pooled means). With segment_options.tta the label
+    maps go to seg_tta/ and the tables to cases_tta.csv and crossval_tta.json. `only`: run these folds now (0-based;
     the tables cover the folds finished so far). Returns the crossval.json content.
     """
     from tumorseg import checkpoint as ckpt
@@ -111,6 +112,7 @@ def run_crossval(cfg, data_root: str | Path, out_dir: str | Path, k: int = 4, se
         tmp.write_text(json.dumps({"k": k, "seed": seed, "folds": folds}, indent=2))
     cache = cfg.data.cache_dir or str(out_dir / "cache")
     options = segment_options or SegmentOptions(progress=False)
+    tag = "_tta" if options.tta else ""  # TTA outputs sit beside the plain ones
 
     for i in (range(k) if only is None else only):
         run_dir = out_dir / f"fold{i}"
@@ -122,7 +124,7 @@ def run_crossval(cfg, data_root: str | Path, out_dir: str | Path, k: int = 4, se
             train(fold_cfg, data_root, run_dir, resume=(run_dir / "checkpoint.pt").exists(),
                   progress=progress, log=log)
         model, meta = ckpt.load_model(run_dir / "model.pt")
-        seg_dir = run_dir / "seg"
+        seg_dir = run_dir / f"seg{tag}"
         _, failures = segment_cases((model, meta), [by_id[c] for c in folds[i]], seg_dir, options,
                                     continue_=True)
         for cid, reason in failures:
@@ -130,7 +132,7 @@ def run_crossval(cfg, data_root: str | Path, out_dir: str | Path, k: int = 4, se
 
     rows = []
     for i, fold in enumerate(folds):
-        seg_dir = out_dir / f"fold{i}" / "seg"
+        seg_dir = out_dir / f"fold{i}" / f"seg{tag}"
         for cid in fold:
             pred = output_paths(by_id[cid], seg_dir, options.output_format)["labels"]
             if not pred.exists():
@@ -140,6 +142,6 @@ def run_crossval(cfg, data_root: str | Path, out_dir: str | Path, k: int = 4, se
                 rows.append({"fold": i, "grade": strata.get(cid, ""), **row})
     summary = {"k": k, "seed": seed, "folds": folds, **summarize_folds(rows, folds)}
     if rows:
-        metrics.write_csv(rows, out_dir / "cases.csv", leading=("fold", "grade"))
-    metrics.write_json(summary, out_dir / "crossval.json")
+        metrics.write_csv(rows, out_dir / f"cases{tag}.csv", leading=("fold", "grade"))
+    metrics.write_json(summary, out_dir / f"crossval{tag}.json")
     return summary
