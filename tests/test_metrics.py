@@ -212,9 +212,8 @@ def test_evaluate_cases_files(tmp_path):
     pred = np.zeros_like(ref)
     pred[1, 1, 1] = 4
     pred[1, 1, 5] = 1
-    # The prediction header's spacing is ignored: spacing comes from the reference.
     ref_path = _save(tmp_path / "ref.nii.gz", ref, (1.0, 1.0, 2.0))
-    pred_path = _save(tmp_path / "pred.nii.gz", pred, (1.0, 1.0, 1.0))
+    pred_path = _save(tmp_path / "pred.nii.gz", pred, (1.0, 1.0, 2.0))
     rows = evaluate_cases([("a", pred_path, ref_path), ("b", None, ref_path)], BRATS2017)
     assert [(r["case_id"], r["region"], r["missing"]) for r in rows] == [
         ("a", "whole", False),
@@ -230,6 +229,31 @@ def test_evaluate_cases_files(tmp_path):
     assert rows[2]["dice"] == 1.0 and rows[2]["hd95"] == 0.0
     assert rows[3]["dice"] == 0.0 and rows[3]["hd95"] == HD95_ONE_EMPTY
     assert rows[3]["sensitivity"] == 0.0 and rows[3]["ppv"] == 0.0
+
+
+def test_a_prediction_off_the_reference_grid_is_refused(tmp_path, capsys):
+    """Another spacing or origin means other voxels: refused, one line naming both files."""
+    from tumorseg.cli import main
+    from tumorseg.metrics import GridMismatch
+
+    ref = np.zeros((8, 8, 8), np.uint8)
+    ref[2:5, 2:5, 2:5] = 2
+    ref_path = _save(tmp_path / "ref.nii.gz", ref, (1.0, 1.0, 2.0))
+    for zooms in ((1.0, 1.0, 1.0), (1.0, 1.0, 2.01)):
+        pred_path = _save(tmp_path / "pred.nii.gz", ref, zooms)
+        with pytest.raises(GridMismatch, match="affine differs from the reference"):
+            evaluate_cases([("a", pred_path, ref_path)], BRATS2017)
+    (tmp_path / "ref_case" / "c1").mkdir(parents=True)
+    _save(tmp_path / "ref_case" / "c1" / "c1_seg.nii.gz", ref, (1.0, 1.0, 2.0))
+    for m in ("flair", "t1", "t1ce", "t2"):
+        _save(tmp_path / "ref_case" / "c1" / f"c1_{m}.nii.gz",
+              np.random.default_rng(0).integers(1, 100, (8, 8, 8)).astype(np.int16), (1.0, 1.0, 2.0))
+    (tmp_path / "pred").mkdir()
+    _save(tmp_path / "pred" / "c1.nii.gz", ref, (1.0, 1.0, 1.0))
+    code = main(["evaluate", "--pred", str(tmp_path / "pred"), "--ref", str(tmp_path / "ref_case")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "c1.nii.gz" in err[0] and "c1_seg.nii.gz" in err[0] and "affine" in err[0]
 
 
 def test_evaluate_cases_lesionwise_columns(tmp_path):

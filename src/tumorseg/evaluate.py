@@ -26,7 +26,9 @@ def evaluate_folder(pred_dir: str | Path, ref_root: str | Path, layout: str | No
     """Metric rows (metrics.evaluate_cases) for every labelled case under `ref_root`.
 
     Predictions pair with references by case id. A missing or unreadable prediction counts as
-    empty and is reported. Returns (rows, [(case_id, one-line problem)]).
+    empty and is reported; one whose shape or affine differs from its reference is reported and
+    not scored (and if no case is left, that is the error raised).
+    Returns (rows, [(case_id, one-line problem)]).
     """
     pred_dir = Path(pred_dir)
     if not pred_dir.is_dir():
@@ -39,6 +41,7 @@ def evaluate_folder(pred_dir: str | Path, ref_root: str | Path, layout: str | No
         raise TumorsegInputError(ref_root, "no reference label maps found: evaluate needs the "
                                            "ground truth (e.g. <id>_seg.nii.gz)")
     rows: list[dict] = []
+    mismatches: list[metrics.GridMismatch] = []
     for case in labelled:
         conv = get_convention(case.convention)
         pred = prediction_path(pred_dir, case.case_id)
@@ -48,6 +51,10 @@ def evaluate_folder(pred_dir: str | Path, ref_root: str | Path, layout: str | No
         try:
             rows += metrics.evaluate_cases([(case.case_id, pred, case.label)], conv,
                                            lesionwise=lesionwise)
+        except metrics.GridMismatch as exc:
+            problems.append((case.case_id, f"{exc}: not scored"))
+            mismatches.append(exc)
+            continue
         except TumorsegInputError as exc:
             if pred is None or exc.where != str(pred):
                 problems.append((case.case_id, f"reference case skipped: {exc}"))
@@ -55,6 +62,8 @@ def evaluate_folder(pred_dir: str | Path, ref_root: str | Path, layout: str | No
             problems.append((case.case_id, f"{exc}: counted as empty"))
             rows += metrics.evaluate_cases([(case.case_id, None, case.label)], conv,
                                            lesionwise=lesionwise)
+    if not rows and len(mismatches) == len(labelled):
+        raise mismatches[0]  # e.g. the one case: its one-line reason, naming both files
     if not rows:
         raise TumorsegInputError(ref_root, "no case could be evaluated")
     return rows, problems

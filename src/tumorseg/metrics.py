@@ -292,6 +292,14 @@ def _grow(box: tuple[slice, ...], margin: int, shape: tuple[int, ...]) -> tuple[
 # -- evaluation of cases on disk ---------------------------------------------------------------
 
 
+AFFINE_TOLERANCE_MM = 1e-3  # headers written as float32 round-trip within this
+
+
+class GridMismatch(TumorsegInputError):
+    """A prediction whose shape or affine differs from its reference: scores would compare
+    different voxels, so the case is not scored."""
+
+
 def evaluate_cases(
     pairs: Iterable[tuple[str, str | Path | None, str | Path]],
     convention: Convention,
@@ -313,12 +321,16 @@ def evaluate_cases(
         if pred_path is None:
             pred = np.zeros(ref.shape, dtype=np.uint8)
         else:
-            pred = io.read_volume(pred_path).data
+            pred_vol = io.read_volume(pred_path)
+            pred = pred_vol.data
             if pred.shape != ref.shape:
-                raise TumorsegInputError(
+                raise GridMismatch(
                     pred_path,
                     f"prediction shape {pred.shape} != reference shape {ref.shape} of {ref_path}",
                 )
+            if not np.allclose(pred_vol.affine, ref_vol.affine, atol=AFFINE_TOLERANCE_MM):
+                raise GridMismatch(pred_path, f"affine differs from the reference {ref_path}: "
+                                              "the prediction is not on the reference's grid")
             convention.encode(pred, where=str(pred_path))
         spacing = ref_vol.spacing
         for region in REGION_NAMES:
