@@ -259,3 +259,24 @@ def test_bf16_labels_agree_and_two_runs_are_identical(shared_data, tmp_path):
         a, b = np.isin(fp32, classes), np.isin(bf16, classes)
         dice = 2 * (a & b).sum() / max(a.sum() + b.sum(), 1)
         assert dice >= 0.995, f"{region}: Dice(fp32, bf16) = {dice:.4f}"
+
+
+def test_spectrum_cache_survives_a_weight_collected_while_it_computes():
+    """A weight freed during `get` (its weakref callback runs `_drop` in the same thread, under
+    the cache's lock) must not deadlock: the lock is reentrant."""
+    import gc
+
+    from tumorseg.models.fastconv import _SpectrumCache
+
+    cache = _SpectrumCache()
+    doomed = torch.randn(2, 3, 7, 7)
+    cache.get(doomed, 16, 16)
+    keeper = torch.randn(2, 3, 7, 7)
+
+    holder = {"w": doomed}
+    del doomed
+    with cache.lock:  # what `get` holds while computing; the collection happens inside
+        holder.clear()
+        gc.collect()
+        spectrum = cache.get(keeper, 16, 16)
+    assert spectrum is not None and len(cache.items) == 1

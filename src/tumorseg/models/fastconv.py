@@ -288,7 +288,9 @@ class _SpectrumCache:
 
     def __init__(self):
         self.items: dict[int, tuple] = {}
-        self.lock = threading.Lock()
+        # Reentrant: a garbage collection while `get` holds the lock may free another weight
+        # and run its weakref callback (`_drop`) in this very thread.
+        self.lock = threading.RLock()
 
     def get(self, weight: torch.Tensor, nh: int, nw: int) -> torch.Tensor:
         key = (weight._version, weight.dtype, weight.device, nh, nw)
