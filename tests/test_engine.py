@@ -271,6 +271,7 @@ def test_spectrum_cache_survives_a_weight_collected_while_it_computes():
     """A weight freed during `get` (its weakref callback runs `_drop` in the same thread, under
     the cache's lock) must not deadlock: the lock is reentrant."""
     import gc
+    import threading
 
     from tumorseg.models.fastconv import _SpectrumCache
 
@@ -281,8 +282,16 @@ def test_spectrum_cache_survives_a_weight_collected_while_it_computes():
 
     holder = {"w": doomed}
     del doomed
-    with cache.lock:  # what `get` holds while computing; the collection happens inside
-        holder.clear()
-        gc.collect()
-        spectrum = cache.get(keeper, 16, 16)
-    assert spectrum is not None and len(cache.items) == 1
+    result = {}
+
+    def compute():
+        with cache.lock:  # what `get` holds while computing; the collection happens inside
+            holder.clear()
+            gc.collect()
+            result["spectrum"] = cache.get(keeper, 16, 16)
+
+    worker = threading.Thread(target=compute, daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    assert not worker.is_alive(), "deadlock: _drop waited for the lock its own thread held"
+    assert result["spectrum"] is not None and len(cache.items) == 1

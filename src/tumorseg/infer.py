@@ -17,7 +17,7 @@ measured peak.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -146,12 +146,14 @@ def _window(image: np.ndarray, batch: list[SliceBox], rf: int, before: int | Non
     return torch.from_numpy(out)
 
 
-def _softmax(net, x: torch.Tensor, tta: bool) -> torch.Tensor:
-    """softmax(net(x)) over classes, averaged with the x-mirrored input's (flipped back) when
-    `tta`; the window is symmetric about its box, so the flips line up."""
-    probs = torch.softmax(net(x), dim=1)
+def _softmax(net: Callable[[torch.Tensor, int], torch.Tensor], x: torch.Tensor, tta: bool
+             ) -> torch.Tensor:
+    """softmax(net(x, 0)) over classes, averaged with the x-mirrored input's, net(flip(x), 1),
+    flipped back, when `tta` (the view index lets a cascade's second CNN take the first CNN's
+    output of the same view); the window is symmetric about its box, so the flips line up."""
+    probs = torch.softmax(net(x, 0), dim=1)
     if tta:
-        probs += torch.softmax(net(x.flip(2)), dim=1).flip(2)
+        probs += torch.softmax(net(x.flip(2), 1), dim=1).flip(2)
         probs *= 0.5
     return probs
 
@@ -170,7 +172,7 @@ def _box_probs(model: torch.nn.Module, image: np.ndarray, boxes: list[SliceBox],
     if not isinstance(model, Cascade):
         for batch in _box_batches(boxes, batch_size):
             with torch.no_grad():
-                probs = _softmax(model, _window(image, batch, rf).to(device), tta)
+                probs = _softmax(lambda v, _: model(v), _window(image, batch, rf).to(device), tta)
             bar.update(len(batch))
             yield batch, probs.cpu()
         return
@@ -191,10 +193,7 @@ def _box_probs(model: torch.nn.Module, image: np.ndarray, boxes: list[SliceBox],
         with torch.no_grad():
             x2 = _window(image, batch, rf - r, before - o).to(device)  # joint forward's x2
             p1 = [torch.stack([first[b.z][k] for b in batch]) for k in range(1 + tta)]
-            probs = torch.softmax(model.second_stage(x2, p1[0]), dim=1)
-            if tta:  # p1[1] was computed on the mirrored window: flip it back afterwards
-                probs += torch.softmax(model.second_stage(x2.flip(2), p1[1]), dim=1).flip(2)
-                probs *= 0.5
+            probs = _softmax(lambda v, k: model.second_stage(v, p1[k]), x2, tta)
         for b in batch:
             del first[b.z]
         bar.update(len(batch))

@@ -168,6 +168,30 @@ def prepare_case(case: Case, meta: dict) -> Prepared:
     return Prepared(case, loaded, pre, {"read": t1 - t0, "preprocess": t2 - t1})
 
 
+def label_case(model: torch.nn.Module, pre: Preprocessed, options: SegmentOptions,
+               class_weights: Sequence[float] | None = None, desc: str = "slices"
+               ) -> tuple[np.ndarray, np.ndarray | None, dict, int]:
+    """The labels `segment` writes for a preprocessed case, on its cropped grid: the model's
+    dense inference (infer.predict_labels with options' batch size, device, TTA...), voxels
+    outside the brain set to 0, post-processing. Training's validation calls it too, so it
+    scores exactly this. The caller chooses the engine (fastconv.options).
+
+    Returns (labels (X, Y, Z) uint8 canonical classes, probabilities (X, Y, Z, 5) float16 or
+    None, {"infer": s, "postprocess": s}, voxels post-processing changed).
+    """
+    t0 = time.perf_counter()
+    labels, probs = predict_labels(model, pre.image, pre.mask, batch_size=options.batch_size,
+                                   device=options.device, probabilities=options.probabilities,
+                                   progress=options.progress, desc=desc,
+                                   crop_slices=options.crop_slices, class_weights=class_weights,
+                                   tta=options.tta)
+    t1 = time.perf_counter()
+    labels[~pre.mask] = 0
+    final = pp.postprocess(labels, options.postprocess)
+    changed = int(np.count_nonzero(final != labels))
+    return final, probs, {"infer": t1 - t0, "postprocess": time.perf_counter() - t1}, changed
+
+
 def segment_case(model: torch.nn.Module, meta: dict, case: Case | Prepared, out_dir: str | Path,
                  options: SegmentOptions = SegmentOptions()) -> dict:
     """Segment one case and write its outputs (see the module docstring) into `out_dir`.
@@ -188,17 +212,9 @@ def segment_case(model: torch.nn.Module, meta: dict, case: Case | Prepared, out_
     conv = get_convention(options.convention or case.convention)
     paths = output_paths(case, out_dir, **options.outputs())
 
-    t1 = time.perf_counter()
     with fastconv.options(options.engine_options()):
-        labels, probs = predict_labels(model, pre.image, pre.mask, batch_size=options.batch_size,
-                                       device=options.device, probabilities=options.probabilities,
-                                       progress=options.progress, desc=case.case_id,
-                                       crop_slices=options.crop_slices, tta=options.tta)
-    t2 = time.perf_counter()
-    labels[~pre.mask] = 0
-    final = pp.postprocess(labels, options.postprocess)
-    changed = int(np.count_nonzero(final != labels))
-    del labels
+        final, probs, seconds, changed = label_case(model, pre, options, desc=case.case_id)
+    stages.update(seconds)
     t3 = time.perf_counter()
 
     _remove_stale_temporaries(paths)
@@ -221,7 +237,7 @@ def segment_case(model: torch.nn.Module, meta: dict, case: Case | Prepared, out_
     out = conv.decode(canonical)
     io.write_volume(paths["labels"], out, reference)  # last: its existence marks the case done
     t4 = time.perf_counter()
-    stages.update(infer=t2 - t1, postprocess=t3 - t2, write=t4 - t3)
+    stages["write"] = t4 - t3
     return {
         "case_id": case.case_id,
         "labels": str(paths["labels"]),

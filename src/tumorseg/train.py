@@ -199,10 +199,11 @@ def validate_cases(model, cases, n_slices: int, device,
     class_weights: see infer.predict_labels (a prior correction). Returns one dict per case:
     {"case_id", "whole", "core", "enhancing", "mean"}.
     """
-    from tumorseg import postprocess as pp
-    from tumorseg.infer import predict_labels, predict_volume
+    from tumorseg.infer import predict_volume
     from tumorseg.metrics import dice
+    from tumorseg.segment import SegmentOptions, label_case
 
+    options = SegmentOptions(device=str(device))  # segment's defaults: post-processing included
     rows = []
     for pre in cases:
         if n_slices:
@@ -212,10 +213,8 @@ def validate_cases(model, cases, n_slices: int, device,
                 probs *= np.asarray(class_weights, np.float32)[:, None, None, None]
             pred, ref = probs.argmax(0), pre.label[..., zs]
         else:
-            pred, _ = predict_labels(model, pre.image, pre.mask, device=device,
-                                     class_weights=class_weights)
-            pred[~pre.mask] = 0
-            pred, ref = pp.postprocess(pred, pp.PostprocessConfig()), pre.label
+            pred, _, _, _ = label_case(model, pre, options, class_weights)
+            ref = pre.label
         row = {"case_id": pre.case_id}
         for region, classes in CANONICAL_REGIONS.items():
             row[region] = dice(np.isin(pred, classes), np.isin(ref, classes))
