@@ -2,12 +2,15 @@
 
 `segment_case` runs one case through the whole pipeline with a loaded model:
 
-    datasets.load_case -> preprocess.preprocess_case (the settings stored in the model file)
+    datasets.load_case -> geometry.to_model_space (reorient to the model's axes, resample to
+       its spacing; identity on BraTS) -> preprocess.preprocess_case (the settings stored in
+       the model file)
     -> infer.predict_labels (dense inference on each axial slice's brain box, in bounded
        batches; zero padding by the receptive field; a cascade runs its first CNN densely too;
        layers computed as models.fastconv chose)
     -> voxels outside the brain set to 0 -> postprocess.postprocess -> CropRecord.uncrop
-    -> labels.get_convention(output convention).decode -> io.write_volume (input's header)
+    -> Transform.to_input (back onto the input's grid) -> labels.get_convention(output
+       convention).decode -> io.write_volume (input's header)
 
 `segment_cases` runs a batch: resolves the model once, splits the cases between processes
 (`num_parts` / `part_id`, nnU-Net style), skips finished cases (`continue_`), reports a bad case
@@ -47,6 +50,7 @@ import torch
 from tumorseg import io, report
 from tumorseg.datasets import Case, LoadedCase, load_case
 from tumorseg.errors import TumorsegInputError
+from tumorseg.geometry import ModelSpace, Transform, to_model_space
 from tumorseg.infer import BATCH_SIZE, predict_labels, resolve_device
 from tumorseg.labels import CLASS_NAMES, get_convention
 from tumorseg import postprocess as pp
@@ -145,12 +149,14 @@ class Prepared:
 
     case: Case
     loaded: LoadedCase  # without its raw image
-    pre: Preprocessed
+    pre: Preprocessed  # in the model's space
+    transform: Transform  # the input's grid -> the model's space
     seconds: dict  # {"read": s, "preprocess": s}
 
 
 def prepare_case(case: Case, meta: dict) -> Prepared:
-    """Read a case and preprocess it with the settings stored in the model file.
+    """Read a case, bring it into the model's space (geometry) and preprocess it with the
+    settings stored in the model file.
 
     meta: as tumorseg.checkpoint.load_model returns it. Raises TumorsegInputError for a bad
     case or a model file without preprocessing settings.
@@ -162,10 +168,12 @@ def prepare_case(case: Case, meta: dict) -> Prepared:
     t0 = time.perf_counter()
     loaded = load_case(case)
     t1 = time.perf_counter()
-    pre = preprocess_case(loaded, settings)
-    loaded.image = None  # the raw (4, x, y, z) float32 image is not needed now: ~140 MB on BraTS
+    model_loaded, transform = to_model_space(loaded, ModelSpace.from_meta(meta))
+    pre = preprocess_case(model_loaded, settings)
+    # The raw (4, x, y, z) float32 image is not needed now: ~140 MB on BraTS.
+    loaded.image = model_loaded.image = None
     t2 = time.perf_counter()
-    return Prepared(case, loaded, pre, {"read": t1 - t0, "preprocess": t2 - t1})
+    return Prepared(case, loaded, pre, transform, {"read": t1 - t0, "preprocess": t2 - t1})
 
 
 def label_case(model: torch.nn.Module, pre: Preprocessed, options: SegmentOptions,
@@ -206,7 +214,7 @@ def segment_case(model: torch.nn.Module, meta: dict, case: Case | Prepared, out_
     Raises TumorsegInputError for a bad case (one line, naming the file).
     """
     prepared = case if isinstance(case, Prepared) else prepare_case(case, meta)
-    case, loaded, pre = prepared.case, prepared.loaded, prepared.pre
+    case, loaded, pre, transform = prepared.case, prepared.loaded, prepared.pre, prepared.transform
     stages = dict(prepared.seconds)
     out_dir = Path(out_dir)
     conv = get_convention(options.convention or case.convention)
@@ -222,17 +230,19 @@ def segment_case(model: torch.nn.Module, meta: dict, case: Case | Prepared, out_
     reference = loaded.reference
     if probs is not None:
         probs[~pre.mask] = (1, 0, 0, 0, 0)
-        full = np.zeros(reference.shape3 + (probs.shape[-1],), np.float32)
+        full = np.zeros(tuple(pre.crop.shape) + (probs.shape[-1],), np.float32)
         full[..., 0] = 1.0
         full[pre.crop.slices] = probs
         del probs
-        io.write_volume(paths["probabilities"], full, reference)
+        io.write_volume(paths["probabilities"], transform.to_input(full), reference)
         del full
     if options.overlay:
         report.overlay_png(paths["overlay"], pre.image, final, case.case_id,
-                           reference=pre.label, affine=reference.affine,
+                           reference=pre.label,
+                           affine=reference.affine if transform.identity
+                           else ModelSpace.from_meta(meta).affine(),
                            title=f"model {meta.get('released') or meta.get('model', '?')}")
-    canonical = pre.crop.uncrop(final, fill=0)
+    canonical = transform.to_input(pre.crop.uncrop(final, fill=0))
     counts = np.bincount(canonical.ravel(), minlength=len(CLASS_NAMES))
     out = conv.decode(canonical)
     io.write_volume(paths["labels"], out, reference)  # last: its existence marks the case done
