@@ -17,7 +17,7 @@ def test_small_component_removed_large_kept_exactly():
     pred[0:3, 0:3, 0:3] = 2  # 27 voxels of oedema
     pred[1, 1, 1] = 4  # one enhancing voxel inside it: same component
     pred[6, 6, 6] = 1  # an isolated voxel: its own component
-    out = postprocess(pred, PostprocessConfig(min_component_voxels=2, min_enhancing_voxels=0))
+    out = postprocess(pred, PostprocessConfig(min_component_mm3=2, min_enhancing_mm3=0))
     expected = pred.copy()
     expected[6, 6, 6] = 0
     np.testing.assert_array_equal(out, expected)
@@ -28,7 +28,7 @@ def test_26_connectivity_corner_neighbours_are_one_component():
     pred = _blank()
     pred[2, 2, 2] = pred[3, 3, 3] = pred[4, 4, 4] = 2  # touching only at corners
     pred[7, 0, 0] = 2  # isolated
-    cfg = PostprocessConfig(min_component_voxels=3, keep_largest=False, min_enhancing_voxels=0)
+    cfg = PostprocessConfig(min_component_mm3=3, keep_largest=False, min_enhancing_mm3=0)
     expected = pred.copy()
     expected[7, 0, 0] = 0
     np.testing.assert_array_equal(postprocess(pred, cfg), expected)
@@ -37,7 +37,7 @@ def test_26_connectivity_corner_neighbours_are_one_component():
 def test_whole_tumour_mask_joins_classes_into_one_component():
     pred = _blank()
     pred[2, 2, 2], pred[2, 2, 3], pred[2, 2, 4] = 1, 2, 3  # three classes, one 3-voxel lesion
-    cfg = PostprocessConfig(min_component_voxels=3, keep_largest=False, min_enhancing_voxels=0)
+    cfg = PostprocessConfig(min_component_mm3=3, keep_largest=False, min_enhancing_mm3=0)
     np.testing.assert_array_equal(postprocess(pred, cfg), pred)
 
 
@@ -46,8 +46,8 @@ def test_largest_component_kept_below_threshold_only_with_keep_largest(keep_larg
     pred = _blank()
     pred[0:2, 0:2, 0] = 2  # 4 voxels: the largest
     pred[5, 5, 5] = 2  # 1 voxel
-    cfg = PostprocessConfig(min_component_voxels=10, keep_largest=keep_largest,
-                            min_enhancing_voxels=0)
+    cfg = PostprocessConfig(min_component_mm3=10, keep_largest=keep_largest,
+                            min_enhancing_mm3=0)
     expected = _blank()
     if kept:
         expected[0:2, 0:2, 0] = 2
@@ -66,7 +66,7 @@ def test_few_enhancing_voxels_become_necrosis_core_and_whole_unchanged():
     pred = _blank()
     pred[0:3, 0:3, 0:3] = 2
     pred[1, 1, 0:2] = 4  # 2 enhancing voxels
-    out = postprocess(pred, PostprocessConfig(min_component_voxels=0, min_enhancing_voxels=3))
+    out = postprocess(pred, PostprocessConfig(min_component_mm3=0, min_enhancing_mm3=3))
     expected = pred.copy()
     expected[1, 1, 0:2] = 1
     np.testing.assert_array_equal(out, expected)
@@ -77,7 +77,7 @@ def test_few_enhancing_voxels_become_necrosis_core_and_whole_unchanged():
 def test_enough_enhancing_voxels_stay():
     pred = _blank()
     pred[1, 1, 0:3] = 4
-    cfg = PostprocessConfig(min_component_voxels=0, min_enhancing_voxels=3)
+    cfg = PostprocessConfig(min_component_mm3=0, min_enhancing_mm3=3)
     np.testing.assert_array_equal(postprocess(pred, cfg), pred)
 
 
@@ -86,7 +86,7 @@ def test_enhancing_rule_counts_after_component_removal():
     pred[0:3, 0:3, 0:3] = 2
     pred[0, 0, 0] = 4  # 1 enhancing voxel in the large lesion
     pred[6:8, 6, 6] = 4  # 2 enhancing voxels in a small lesion that rule 1 removes
-    cfg = PostprocessConfig(min_component_voxels=5, min_enhancing_voxels=2)
+    cfg = PostprocessConfig(min_component_mm3=5, min_enhancing_mm3=2)
     expected = pred.copy()
     expected[6:8, 6, 6] = 0
     expected[0, 0, 0] = 1  # 1 < 2 enhancing voxels left
@@ -102,8 +102,35 @@ def test_disabled_and_empty_are_identity():
 
 def test_defaults_documented_and_validated():
     cfg = PostprocessConfig()
-    assert (cfg.enabled, cfg.min_component_voxels, cfg.keep_largest,
-            cfg.min_enhancing_voxels) == (True, 10000, True, 500)
-    for bad in (-1, 1.5, True):
-        with pytest.raises(ValueError, match="min_component_voxels"):
-            PostprocessConfig(min_component_voxels=bad)
+    assert (cfg.enabled, cfg.min_component_mm3, cfg.keep_largest,
+            cfg.min_enhancing_mm3) == (True, 10000, True, 500)
+    for bad in (-1, float("nan"), float("inf"), True, "10"):
+        with pytest.raises(ValueError, match="min_component_mm3"):
+            PostprocessConfig(min_component_mm3=bad)
+    with pytest.raises(ValueError, match="unknown"):
+        PostprocessConfig.from_dict({"min_component_voxels": 3})
+    assert PostprocessConfig.from_meta({}) == cfg
+    stored = PostprocessConfig(min_component_mm3=123.0, min_enhancing_mm3=4.0)
+    assert PostprocessConfig.from_meta({"postprocess": stored.to_dict()}) == stored
+
+
+def test_thresholds_are_volumes_on_anisotropic_grids():
+    """The same tissue volume is kept or removed whatever the voxel size: a 4 x 4 x 4 mm cube
+    (64 mm^3) is 64 voxels at 1 mm and 8 voxels at 2 x 2 x 2 mm, 16 at 1 x 2 x 2 mm."""
+    cfg_keep = PostprocessConfig(min_component_mm3=64, keep_largest=False, min_enhancing_mm3=0)
+    cfg_drop = PostprocessConfig(min_component_mm3=65, keep_largest=False, min_enhancing_mm3=0)
+    for spacing, side in (((1.0, 1.0, 1.0), (4, 4, 4)), ((2.0, 2.0, 2.0), (2, 2, 2)),
+                          ((1.0, 2.0, 2.0), (4, 2, 2))):
+        pred = _blank()
+        pred[:side[0], :side[1], :side[2]] = 2
+        np.testing.assert_array_equal(postprocess(pred, cfg_keep, spacing), pred)
+        np.testing.assert_array_equal(postprocess(pred, cfg_drop, spacing), _blank())
+    # Enhancing rule: 2 voxels of 0.5 mm^3 = 1 mm^3.
+    pred = _blank()
+    pred[0:3, 0:3, 0:3] = 2
+    pred[1, 1, 0:2] = 4
+    half = (0.5, 1.0, 1.0)
+    assert (postprocess(pred, PostprocessConfig(min_component_mm3=0, min_enhancing_mm3=1.0),
+                        half) == 4).sum() == 2
+    assert (postprocess(pred, PostprocessConfig(min_component_mm3=0, min_enhancing_mm3=1.01),
+                        half) == 4).sum() == 0

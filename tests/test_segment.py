@@ -37,7 +37,7 @@ from tumorseg.segment import (SegmentOptions, files_case, segment_case, segment_
                               select_part)
 
 # Phantom tumours are ~2500 voxels with ~200 enhancing: thresholds that keep a correct answer.
-SMALL_POST = PostprocessConfig(min_component_voxels=100, min_enhancing_voxels=20)
+SMALL_POST = PostprocessConfig(min_component_mm3=100, min_enhancing_mm3=20)
 SMALL_POST_ARGS = ["--min-component", "100", "--min-enhancing", "20"]
 SETTINGS = PreprocessSettings()
 
@@ -448,3 +448,34 @@ def test_sigkill_then_continue_equals_uninterrupted_run(tmp_path):
     assert len(want) == 3 * len(ids) + 2  # labels, probabilities, png per case; colour tables
     assert [n for n in got if got[n] != want[n]] == []
     assert [p.name for p in killed.iterdir() if p.name.startswith(".")] == []  # no temporaries
+
+
+def test_model_files_postprocessing_is_the_default(tmp_path, phantom_small):
+    """SegmentOptions(postprocess=None) uses the model file's own settings; explicit ones win."""
+    case = find_cases(write_phantom(phantom_small, tmp_path / "data", "brats2017"))[0]
+    model, meta = weights.resolve_model(str(write_tiny_model(tmp_path / "tiny.pt", seed=1)))
+    off = PostprocessConfig(enabled=False)
+    runs = {}
+    for name, stored, given in (("stored_off", off, None), ("given_off", None, off),
+                                ("default", None, None), ("given_on", off, PostprocessConfig())):
+        m = dict(meta)
+        m.pop("postprocess", None)
+        if stored is not None:
+            m["postprocess"] = stored.to_dict()
+        res = segment_case(model, m, case, tmp_path / name, SegmentOptions(postprocess=given))
+        runs[name] = (np.asarray(nib.load(res["labels"]).dataobj), res["postprocess_changed"])
+    assert runs["default"][1] > 0  # the defaults change this untrained model's labels
+    np.testing.assert_array_equal(runs["stored_off"][0], runs["given_off"][0])
+    assert runs["stored_off"][1] == runs["given_off"][1] == 0
+    np.testing.assert_array_equal(runs["given_on"][0], runs["default"][0])
+
+
+def test_cli_postprocessing_flags_replace_the_models_fields(tmp_path, phantom_small):
+    """--min-enhancing alone keeps the model file's component threshold."""
+    from tumorseg.segment import _postprocess_config
+
+    meta = {"postprocess": PostprocessConfig(min_component_mm3=7.0, min_enhancing_mm3=3.0).to_dict()}
+    got = _postprocess_config(SegmentOptions(postprocess={"min_enhancing_mm3": 9.0}), meta)
+    assert got == PostprocessConfig(min_component_mm3=7.0, min_enhancing_mm3=9.0)
+    assert _postprocess_config(SegmentOptions(postprocess={"enabled": False}), {}) == \
+        PostprocessConfig(enabled=False)

@@ -7,6 +7,7 @@ input (a one-line message, never a traceback); 130 interrupted (training saved a
 from __future__ import annotations
 
 import argparse
+import math
 import json
 import sys
 
@@ -105,7 +106,6 @@ def _labels_arg(args) -> str | None:
 
 def cmd_segment(args) -> int:
     from tumorseg.datasets import find_cases
-    from tumorseg.postprocess import PostprocessConfig
     import torch
 
     from tumorseg.segment import SegmentOptions, files_case, segment_cases
@@ -132,9 +132,10 @@ def cmd_segment(args) -> int:
     single = len(cases) + len(errors) == 1
     if single and errors:
         raise errors[0][1]
-    post = PostprocessConfig(enabled=not args.no_postprocess,
-                             min_component_voxels=args.min_component,
-                             min_enhancing_voxels=args.min_enhancing)
+    # The model file's own post-processing, with what the user gave replacing its fields.
+    given = {"enabled": False if args.no_postprocess else None,
+             "min_component_mm3": args.min_component, "min_enhancing_mm3": args.min_enhancing}
+    post = {k: v for k, v in given.items() if v is not None}
     if args.threads:
         torch.set_num_threads(args.threads)
     options = SegmentOptions(
@@ -204,6 +205,16 @@ def _nonnegative_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
     return value
 
 
@@ -281,14 +292,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--part-id", type=_nonnegative_int, default=0, metavar="K",
                    help="segment part K (0-based) of --num-parts")
     p.add_argument("--no-postprocess", action="store_true", help="skip post-processing")
-    p.add_argument("--min-component", type=_nonnegative_int, metavar="N",
-                   default=PostprocessConfig.min_component_voxels,
-                   help="remove whole-tumour components smaller than N voxels (default "
-                        "%(default)s; the largest is kept)")
-    p.add_argument("--min-enhancing", type=_nonnegative_int, metavar="N",
-                   default=PostprocessConfig.min_enhancing_voxels,
-                   help="fewer enhancing voxels than N in a case become necrosis (default "
-                        "%(default)s)")
+    p.add_argument("--min-component", type=_nonnegative_float, metavar="MM3",
+                   help="remove whole-tumour components smaller than MM3 cubic millimetres "
+                        f"(default: the model's, {PostprocessConfig.min_component_mm3:g} for the "
+                        "released ones; the largest is kept)")
+    p.add_argument("--min-enhancing", type=_nonnegative_float, metavar="MM3",
+                   help="less enhancing tumour than MM3 cubic millimetres in a case becomes "
+                        f"necrosis (default: the model's, {PostprocessConfig.min_enhancing_mm3:g} "
+                        "for the released ones)")
     p.add_argument("--output-format", choices=["nii.gz", "mha"],
                    help="label map format (default: as the input, .mha in -> .mha out)")
     p.add_argument("--batch-size", type=_positive_int, default=2, metavar="N",  # infer.BATCH_SIZE

@@ -27,7 +27,7 @@ N_CASES = 6
 MARKER = ".tumorseg-demo"  # marks a folder the demo made and may replace
 SHAPE = (96, 96, 48)
 # Phantom tumours are a few thousand voxels: scale the clean-up thresholds to them.
-DEMO_POSTPROCESS = PostprocessConfig(min_component_voxels=100, min_enhancing_voxels=20)
+DEMO_POSTPROCESS = PostprocessConfig(min_component_mm3=100, min_enhancing_mm3=20)  # 1 mm phantoms
 DEMO_TRAIN = TrainConfig(
     model="two_path", seed=0, threads=0,
     model_options={"init": "default", "dropout": 0.2},

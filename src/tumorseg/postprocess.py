@@ -5,37 +5,43 @@ components but give no threshold and no enhancing-tumour rule; both rules below 
 BraTS practice, and their thresholds are parameters:
 
 1. Small whole-tumour components are removed. The whole-tumour mask (classes 1-4) is split into
-   3-D connected components with 26-connectivity (cc3d); every component with fewer than
-   `min_component_voxels` voxels is set to 0 (other). With `keep_largest` (the default) the
+   3-D connected components with 26-connectivity (cc3d); every component smaller than
+   `min_component_mm3` (mm^3) is set to 0 (other). With `keep_largest` (the default) the
    largest component is always kept, even below the threshold.
    Why: the CNN labels each voxel independently from an axial window, so its commonest error is
    small clusters of false positives scattered through healthy tissue (Pereira et al. 2016
    remove clusters below a volume threshold for the same reason). Every BraTS case holds a
    tumour, and an empty prediction scores Dice 0 and HD95 373 mm on every region, hence
    `keep_largest`.
-   Default 10000 voxels (10 cm^3 on BraTS's 1 mm grid), chosen on the 5 validation cases of the
+   Default 10000 mm^3 (10 cm^3), chosen on the 5 validation cases of the
    released models (scripts/tune_postprocess.py over 0-50000 on raw two_path predictions: the
    mean of whole/core/enhancing Dice rose from 0.515 with no clean-up to 0.571 at 10000 and
    stayed there above it; docs/MODEL_CARD.md).
 
 2. Enhancing-tumour consistency. If, after rule 1, the prediction holds fewer than
-   `min_enhancing_voxels` enhancing voxels (class 4) in total, all of them become necrosis
+   `min_enhancing_mm3` of enhancing tumour (class 4) in total, all of them become necrosis
    (class 1).
    Why: many lower-grade gliomas have no enhancing tumour; BraTS then scores the enhancing
    region Dice 1 for an empty prediction and 0 for any non-empty one, so a few spurious
    enhancing voxels cost a whole Dice point (Isensee et al., BraTS 2018 "No New-Net", tune such
    a threshold on training data). Necrosis and enhancing tumour both belong to the tumour core
    and the whole tumour, so the rule changes only the enhancing region: core and whole are
-   untouched. Default 500 voxels (0.5 cm^3): on the validation cases 0-500 scored the same and
+   untouched. Default 500 mm^3 (0.5 cm^3): on the validation cases 0-500 scored the same and
    1000 lowered the enhancing Dice, so 500 keeps the guard at no cost.
 
-Thresholds count voxels (= mm^3 at BraTS's 1 mm isotropic spacing). `enabled=False` returns the
-prediction unchanged (the CLI's `--no-postprocess`).
+Thresholds are volumes in mm^3, turned into voxel counts with the spacing of the grid the rules
+run on (segment runs them in the model's space, 1 mm isotropic for the released models: see
+tumorseg.geometry), so a threshold means the same tissue volume on any scan. A model file may
+carry its own (meta["postprocess"]); `segment` uses those unless the user gives others.
+`enabled=False` returns the prediction unchanged (the CLI's `--no-postprocess`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
@@ -49,15 +55,38 @@ class PostprocessConfig:
     """Post-processing settings; see the module docstring for the rules and their defaults."""
 
     enabled: bool = True
-    min_component_voxels: int = 10000  # rule 1; 0 keeps every component
+    min_component_mm3: float = 10000.0  # rule 1; 0 keeps every component
     keep_largest: bool = True  # rule 1 never removes the largest component
-    min_enhancing_voxels: int = 500  # rule 2; 0 turns it off
+    min_enhancing_mm3: float = 500.0  # rule 2; 0 turns it off
 
     def __post_init__(self) -> None:
-        for name in ("min_component_voxels", "min_enhancing_voxels"):
+        for name in ("min_component_mm3", "min_enhancing_mm3"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) \
+                    or not np.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a volume >= 0 in mm^3, got {value!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PostprocessConfig":
+        """The settings a model file stores; unknown keys are refused."""
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown post-processing setting(s) {sorted(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> "PostprocessConfig":
+        """A model file's post-processing (meta["postprocess"]), else the defaults."""
+        return cls.from_dict(meta["postprocess"]) if meta.get("postprocess") else cls()
+
+
+def voxels(mm3: float, spacing: Sequence[float]) -> int:
+    """The voxel count of a volume of `mm3` mm^3 on a grid of `spacing` (mm), rounded up:
+    a component of that many voxels holds at least `mm3`."""
+    return int(math.ceil(mm3 / float(np.prod(spacing)) - 1e-9))
 
 
 def remove_small_components(mask: np.ndarray, min_voxels: int, keep_largest: bool = True
@@ -80,16 +109,18 @@ def remove_small_components(mask: np.ndarray, min_voxels: int, keep_largest: boo
     return keep[components]
 
 
-def postprocess(pred: np.ndarray, cfg: PostprocessConfig = PostprocessConfig()) -> np.ndarray:
-    """Apply rules 1 and 2 (module docstring) to (X, Y, Z) canonical classes; returns a new
-    (X, Y, Z) uint8 array."""
+def postprocess(pred: np.ndarray, cfg: PostprocessConfig = PostprocessConfig(),
+                spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> np.ndarray:
+    """Apply rules 1 and 2 (module docstring) to (X, Y, Z) canonical classes on a grid of
+    `spacing` mm; returns a new (X, Y, Z) uint8 array."""
     out = np.array(pred, dtype=np.uint8, copy=True)
     if not cfg.enabled:
         return out
     whole = np.isin(out, CANONICAL_REGIONS["whole"])
-    kept = remove_small_components(whole, cfg.min_component_voxels, cfg.keep_largest)
+    kept = remove_small_components(whole, voxels(cfg.min_component_mm3, spacing),
+                                   cfg.keep_largest)
     out[whole & ~kept] = 0
     enhancing = out == ENHANCING
-    if 0 < np.count_nonzero(enhancing) < cfg.min_enhancing_voxels:
+    if 0 < np.count_nonzero(enhancing) < voxels(cfg.min_enhancing_mm3, spacing):
         out[enhancing] = NECROSIS
     return out

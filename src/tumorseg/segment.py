@@ -111,10 +111,12 @@ class SegmentOptions:
     crop_slices: run each slice's brain box only (False: whole slices, the control of
         benchmarks/segment_case.py; same labels, slower).
     tta: mirror test-time augmentation (infer.predict_labels): twice the inference time.
+    postprocess: None = the model file's own settings (PostprocessConfig.from_meta); a dict =
+        those with these fields replaced (the CLI's --min-component etc.).
     """
 
     convention: str | None = None
-    postprocess: PostprocessConfig = PostprocessConfig()
+    postprocess: PostprocessConfig | dict | None = None
     probabilities: bool = False
     overlay: bool = False
     output_format: str | None = None
@@ -176,6 +178,13 @@ def prepare_case(case: Case, meta: dict) -> Prepared:
     return Prepared(case, loaded, pre, transform, {"read": t1 - t0, "preprocess": t2 - t1})
 
 
+def _postprocess_config(options: SegmentOptions, meta: dict) -> PostprocessConfig:
+    """options.postprocess resolved against the model file's own settings."""
+    if isinstance(options.postprocess, PostprocessConfig):
+        return options.postprocess
+    return dataclasses.replace(PostprocessConfig.from_meta(meta), **(options.postprocess or {}))
+
+
 def label_case(model: torch.nn.Module, pre: Preprocessed, options: SegmentOptions,
                class_weights: Sequence[float] | None = None, desc: str = "slices"
                ) -> tuple[np.ndarray, np.ndarray | None, dict, int]:
@@ -195,7 +204,7 @@ def label_case(model: torch.nn.Module, pre: Preprocessed, options: SegmentOption
                                    tta=options.tta)
     t1 = time.perf_counter()
     labels[~pre.mask] = 0
-    final = pp.postprocess(labels, options.postprocess)
+    final = pp.postprocess(labels, _postprocess_config(options, {}), pre.spacing)
     changed = int(np.count_nonzero(final != labels))
     return final, probs, {"infer": t1 - t0, "postprocess": time.perf_counter() - t1}, changed
 
@@ -217,6 +226,7 @@ def segment_case(model: torch.nn.Module, meta: dict, case: Case | Prepared, out_
     case, loaded, pre, transform = prepared.case, prepared.loaded, prepared.pre, prepared.transform
     stages = dict(prepared.seconds)
     out_dir = Path(out_dir)
+    options = dataclasses.replace(options, postprocess=_postprocess_config(options, meta))
     conv = get_convention(options.convention or case.convention)
     paths = output_paths(case, out_dir, **options.outputs())
 
