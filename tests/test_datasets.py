@@ -285,3 +285,39 @@ def test_unknown_dataset_json_labels_are_refused(tmp_path):
         find_cases(root)
     (case,) = find_cases(root, labels="msd")  # --labels overrides dataset.json
     assert case.convention == "msd"
+
+
+def _loaded_phantom(tmp_path, edit=None):
+    from tumorseg.datasets import load_case
+    from tumorseg.phantom import make_phantom, write_phantom
+
+    ph = make_phantom((48, 56, 32), seed=0)
+    if edit is not None:
+        edit(ph)
+    return load_case(find_cases(write_phantom(ph, tmp_path / "d", "brats2017"))[0])
+
+
+def test_input_warnings_quiet_on_brats_like_input(tmp_path, shared_data):
+    from tumorseg.datasets import input_warnings, load_case
+
+    assert input_warnings(_loaded_phantom(tmp_path)) == []
+    real = [c for c in find_cases(shared_data) if c.case_id == "Brats18_CBICA_ALU_1"]
+    assert input_warnings(load_case(real[0])) == []
+
+
+def test_input_warnings_name_unstripped_and_misregistered_input(tmp_path):
+    from tumorseg.datasets import input_warnings
+
+    def noisy_background(ph):  # an unstripped scan: noise everywhere outside the head
+        rng = np.random.default_rng(0)
+        for m, img in ph.images.items():
+            ph.images[m] = np.where(img == 0, rng.integers(1, 20, img.shape), img)
+
+    (msg,) = input_warnings(_loaded_phantom(tmp_path / "a", noisy_background))
+    assert "does not look skull-stripped" in msg and "100% of the border" in msg
+
+    def shifted_flair(ph):  # FLAIR moved by 12 voxels: not co-registered
+        ph.images["flair"] = np.roll(ph.images["flair"], 12, axis=0)
+
+    (msg,) = input_warnings(_loaded_phantom(tmp_path / "b", shifted_flair))
+    assert "flair overlaps T1's poorly" in msg

@@ -448,6 +448,41 @@ def load_case(case: Case) -> LoadedCase:
 
 MIN_DISTINCT = 10  # fewer distinct non-zero intensities than this: not an MR image
 
+# Input checks that warn (the result may still be right): the models were trained on BraTS data,
+# skull-stripped and co-registered. On the 24 BraTS 2018 cases in ../shared the brain (non-zero
+# in any modality) is 1.2-1.75 L, at most 1.4% of the volume's border voxels are non-zero, and
+# every modality's non-zero mask has Dice >= 0.987 with T1's. A head with skull and scalp is
+# 3-5 L and a noisy background fills the border.
+MAX_BRAIN_LITRES = 2.5
+MAX_BORDER_FRACTION = 0.25
+MIN_MASK_DICE = 0.9
+
+
+def input_warnings(loaded: LoadedCase) -> list[str]:
+    """Reasons to doubt that a loaded case is BraTS-like (skull-stripped, co-registered), as
+    one-line messages; empty for BraTS data. Thresholds: MAX_BRAIN_LITRES,
+    MAX_BORDER_FRACTION, MIN_MASK_DICE (volumes in litres from the voxel spacing)."""
+    nonzero = loaded.image != 0  # (4, x, y, z)
+    brain = nonzero.any(axis=0)
+    out = []
+    litres = float(np.count_nonzero(brain)) * float(np.prod(loaded.spacing)) / 1e6
+    faces = [brain[0], brain[-1], brain[:, 0], brain[:, -1], brain[:, :, 0], brain[:, :, -1]]
+    border = sum(int(np.count_nonzero(f)) for f in faces) / sum(f.size for f in faces)
+    if litres > MAX_BRAIN_LITRES or border > MAX_BORDER_FRACTION:
+        out.append(f"does not look skull-stripped (non-zero volume {litres:.2f} L, "
+                   f"{100 * border:.0f}% of the border non-zero; a stripped brain is about "
+                   f"1.2-1.8 L with an empty border): the models were trained on skull-stripped "
+                   f"BraTS data, check the result")
+    t1 = nonzero[0]
+    for i, m in enumerate(MODALITIES[1:], start=1):
+        both = int(np.count_nonzero(nonzero[i] & t1))
+        total = int(np.count_nonzero(nonzero[i])) + int(np.count_nonzero(t1))
+        dice = 2.0 * both / total if total else 1.0
+        if dice < MIN_MASK_DICE:
+            out.append(f"the non-zero region of {m} overlaps T1's poorly (Dice {dice:.2f}): "
+                       f"are the modalities co-registered and skull-stripped alike?")
+    return out
+
 
 def _few_values(vol: np.ndarray) -> bool:
     """True if `vol` has fewer than MIN_DISTINCT distinct non-zero values. A strided sample

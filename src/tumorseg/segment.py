@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from tumorseg import io, report
-from tumorseg.datasets import Case, LoadedCase, load_case
+from tumorseg.datasets import Case, LoadedCase, input_warnings, load_case
 from tumorseg.errors import TumorsegInputError
 from tumorseg.geometry import ModelSpace, Transform, to_model_space
 from tumorseg.infer import BATCH_SIZE, predict_labels, resolve_device
@@ -154,6 +154,7 @@ class Prepared:
     pre: Preprocessed  # in the model's space
     transform: Transform  # the input's grid -> the model's space
     seconds: dict  # {"read": s, "preprocess": s}
+    warnings: list[str]  # datasets.input_warnings: reasons to doubt the input is BraTS-like
 
 
 def prepare_case(case: Case, meta: dict) -> Prepared:
@@ -169,13 +170,15 @@ def prepare_case(case: Case, meta: dict) -> Prepared:
     settings = PreprocessSettings.from_dict(meta["preprocess"])
     t0 = time.perf_counter()
     loaded = load_case(case)
+    warnings = input_warnings(loaded)
     t1 = time.perf_counter()
     model_loaded, transform = to_model_space(loaded, ModelSpace.from_meta(meta))
     pre = preprocess_case(model_loaded, settings)
     # The raw (4, x, y, z) float32 image is not needed now: ~140 MB on BraTS.
     loaded.image = model_loaded.image = None
     t2 = time.perf_counter()
-    return Prepared(case, loaded, pre, transform, {"read": t1 - t0, "preprocess": t2 - t1})
+    return Prepared(case, loaded, pre, transform, {"read": t1 - t0, "preprocess": t2 - t1},
+                    warnings)
 
 
 def _postprocess_config(options: SegmentOptions, meta: dict) -> PostprocessConfig:
@@ -219,7 +222,8 @@ def segment_case(model: torch.nn.Module, meta: dict, case: Case | Prepared, out_
     Returns {"case_id", "labels", "probabilities", "overlay" (paths as str, or None),
     "convention", "seconds", "stages" (seconds of read, preprocess, infer, postprocess,
     write), "voxels" ({canonical class name: count} over the whole output volume),
-    "postprocess_changed" (voxels post-processing changed)}.
+    "postprocess_changed" (voxels post-processing changed), "warnings" (one-line doubts about
+    the input: datasets.input_warnings)}.
     Raises TumorsegInputError for a bad case (one line, naming the file).
     """
     prepared = case if isinstance(case, Prepared) else prepare_case(case, meta)
@@ -268,6 +272,7 @@ def segment_case(model: torch.nn.Module, meta: dict, case: Case | Prepared, out_
         "stages": {k: round(v, 3) for k, v in stages.items()},
         "voxels": {name: int(n) for name, n in zip(CLASS_NAMES, counts)},
         "postprocess_changed": changed,
+        "warnings": list(prepared.warnings),
     }
 
 
