@@ -2,10 +2,14 @@
 
 Arrays are indexed (x, y, z) as nibabel returns them; multimodal images are (4, x, y, z) with
 channels in `MODALITIES` order (T1, T1c, T2, FLAIR). See docs/ARCHITECTURE.md for the data flow.
+
+The Python API (tumorseg.api): `load_model`, `segment_case`, `evaluate`.
 """
 
+from tumorseg.api import Model, Segmentation, evaluate, load_model, segment_case
 from tumorseg.datasets import MODALITIES, Case, find_cases, load_case
 from tumorseg.errors import TumorsegInputError
 
 __version__ = "0.1.0"
-__all__ = ["MODALITIES", "Case", "TumorsegInputError", "find_cases", "load_case", "__version__"]
+__all__ = ["MODALITIES", "Case", "Model", "Segmentation", "TumorsegInputError", "evaluate",
+           "find_cases", "load_case", "load_model", "segment_case", "__version__"]

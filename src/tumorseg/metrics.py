@@ -143,6 +143,23 @@ def mask_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Spacing) -> dict[st
     }
 
 
+def label_volumes(labels: np.ndarray, convention: Convention, spacing: Spacing) -> dict:
+    """Tumour volumes of a label map: {"whole_ml", "core_ml", "enhancing_ml"} in millilitres
+    and {"voxels_<value>"} for every non-zero label value of `convention`.
+
+    labels: (x, y, z) in `convention`'s file values; spacing: voxel size in mm (x, y, z).
+    """
+    ml_per_voxel = float(np.prod(spacing)) / 1000.0
+    out: dict = {}
+    for region in REGION_NAMES:
+        n = int(np.count_nonzero(convention.region_mask(labels, region)))
+        out[f"{region}_ml"] = round(n * ml_per_voxel, 6)
+    counts = np.bincount(np.asarray(labels, np.int64).ravel(), minlength=max(convention.values) + 1)
+    for value in sorted(v for v in convention.values if v):
+        out[f"voxels_{value}"] = int(counts[value])
+    return out
+
+
 def region_metrics(
     pred_labels: np.ndarray, ref_labels: np.ndarray, convention: Convention, spacing: Spacing
 ) -> dict[str, dict[str, float]]:

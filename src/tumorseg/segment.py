@@ -212,6 +212,49 @@ def label_case(model: torch.nn.Module, pre: Preprocessed, options: SegmentOption
     return final, probs, {"infer": t1 - t0, "postprocess": time.perf_counter() - t1}, changed
 
 
+@dataclass
+class CaseOutput:
+    """One case segmented, in memory (`compute_case`).
+
+    labels: (x, y, z) uint8 canonical classes on the input's grid (post-processed).
+    probabilities: (x, y, z, 5) float32 softmax of the canonical classes on the input's grid,
+        before post-processing, (1, 0, 0, 0, 0) outside the brain; None unless requested.
+    prepared: the case as the model saw it (model space, cropped), and `final` its labels
+        there: what overlays show.
+    """
+
+    prepared: Prepared
+    labels: np.ndarray
+    probabilities: np.ndarray | None
+    final: np.ndarray
+    stages: dict
+    postprocess_changed: int
+
+
+def compute_case(model: torch.nn.Module, meta: dict, case: Case | Prepared,
+                 options: SegmentOptions = SegmentOptions()) -> CaseOutput:
+    """Segment one case in memory (no file written): read and preprocess (unless `case` is
+    Prepared), infer, post-process, map back onto the input's grid. See `segment_case`."""
+    prepared = case if isinstance(case, Prepared) else prepare_case(case, meta)
+    pre, transform = prepared.pre, prepared.transform
+    stages = dict(prepared.seconds)
+    options = dataclasses.replace(options, postprocess=_postprocess_config(options, meta))
+    with fastconv.options(options.engine_options()):
+        final, probs, seconds, changed = label_case(model, pre, options,
+                                                    desc=prepared.case.case_id)
+    stages.update(seconds)
+    full = None
+    if probs is not None:
+        probs[~pre.mask] = (1, 0, 0, 0, 0)
+        full = np.zeros(tuple(pre.crop.shape) + (probs.shape[-1],), np.float32)
+        full[..., 0] = 1.0
+        full[pre.crop.slices] = probs
+        del probs
+        full = transform.to_input(full)
+    labels = transform.to_input(pre.crop.uncrop(final, fill=0))
+    return CaseOutput(prepared, labels, full, final, stages, changed)
+
+
 def segment_case(model: torch.nn.Module, meta: dict, case: Case | Prepared, out_dir: str | Path,
                  options: SegmentOptions = SegmentOptions()) -> dict:
     """Segment one case and write its outputs (see the module docstring) into `out_dir`.
@@ -226,44 +269,29 @@ def segment_case(model: torch.nn.Module, meta: dict, case: Case | Prepared, out_
     the input: datasets.input_warnings)}.
     Raises TumorsegInputError for a bad case (one line, naming the file).
     """
-    prepared = case if isinstance(case, Prepared) else prepare_case(case, meta)
-    case, loaded, pre, transform = prepared.case, prepared.loaded, prepared.pre, prepared.transform
-    stages = dict(prepared.seconds)
-    out_dir = Path(out_dir)
-    options = dataclasses.replace(options, postprocess=_postprocess_config(options, meta))
-    conv = get_convention(options.convention or case.convention)
-    paths = output_paths(case, out_dir, **options.outputs())
-
-    with fastconv.options(options.engine_options()):
-        final, probs, seconds, changed = label_case(model, pre, options, desc=case.case_id)
-    stages.update(seconds)
-    t3 = time.perf_counter()
-
+    the_case = case.case if isinstance(case, Prepared) else case
+    conv = get_convention(options.convention or the_case.convention)
+    paths = output_paths(the_case, out_dir, **options.outputs())  # validated before any work
+    output = compute_case(model, meta, case, options)
+    t0 = time.perf_counter()
     _remove_stale_temporaries(paths)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    reference = loaded.reference
-    if probs is not None:
-        probs[~pre.mask] = (1, 0, 0, 0, 0)
-        full = np.zeros(tuple(pre.crop.shape) + (probs.shape[-1],), np.float32)
-        full[..., 0] = 1.0
-        full[pre.crop.slices] = probs
-        del probs
-        io.write_volume(paths["probabilities"], transform.to_input(full), reference)
-        del full
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    prepared = output.prepared
+    reference = prepared.loaded.reference
+    if output.probabilities is not None:
+        io.write_volume(paths["probabilities"], output.probabilities, reference)
     if options.overlay:
-        report.overlay_png(paths["overlay"], pre.image, final, case.case_id,
-                           reference=pre.label,
-                           affine=reference.affine if transform.identity
+        report.overlay_png(paths["overlay"], prepared.pre.image, output.final, the_case.case_id,
+                           reference=prepared.pre.label,
+                           affine=reference.affine if prepared.transform.identity
                            else ModelSpace.from_meta(meta).affine(),
                            title=f"model {meta.get('released') or meta.get('model', '?')}")
-    canonical = transform.to_input(pre.crop.uncrop(final, fill=0))
-    counts = np.bincount(canonical.ravel(), minlength=len(CLASS_NAMES))
-    out = conv.decode(canonical)
-    io.write_volume(paths["labels"], out, reference)  # last: its existence marks the case done
-    t4 = time.perf_counter()
-    stages["write"] = t4 - t3
+    counts = np.bincount(output.labels.ravel(), minlength=len(CLASS_NAMES))
+    # Last: the label map's existence marks the case done (--continue).
+    io.write_volume(paths["labels"], conv.decode(output.labels), reference)
+    stages = {**output.stages, "write": time.perf_counter() - t0}
     return {
-        "case_id": case.case_id,
+        "case_id": the_case.case_id,
         "labels": str(paths["labels"]),
         "probabilities": str(paths["probabilities"]) if options.probabilities else None,
         "overlay": str(paths["overlay"]) if options.overlay else None,
@@ -271,7 +299,7 @@ def segment_case(model: torch.nn.Module, meta: dict, case: Case | Prepared, out_
         "seconds": round(sum(stages.values()), 3),
         "stages": {k: round(v, 3) for k, v in stages.items()},
         "voxels": {name: int(n) for name, n in zip(CLASS_NAMES, counts)},
-        "postprocess_changed": changed,
+        "postprocess_changed": output.postprocess_changed,
         "warnings": list(prepared.warnings),
     }
 
