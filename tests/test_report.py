@@ -19,7 +19,7 @@ EXPECTED_COLOURS = {
     "brats2013": {1: RED, 2: GREEN, 3: BLUE, 4: YELLOW},
     "brats2017": {1: RED, 2: GREEN, 4: YELLOW},
     "brats2023": {1: RED, 2: GREEN, 3: YELLOW},
-    "msd": {1: GREEN, 2: BLUE, 3: YELLOW},
+    "msd": {1: GREEN, 2: RED, 3: YELLOW},  # 2 is NCR/NET, as brats2017 1
 }
 
 

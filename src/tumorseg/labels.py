@@ -6,11 +6,30 @@ which are the BRATS 2012-2015 labels:
     0 other (healthy tissue and background), 1 necrosis, 2 oedema, 3 non-enhancing tumour,
     4 enhancing tumour.
 
-Each convention is a table from its file values to canonical classes. Conventions that merge
-necrosis and non-enhancing tumour into one label (BraTS 2017+ "NCR/NET", BraTS 2023 "NETC")
-map that label to canonical 1; on the way back, canonical 1 and 3 both map to the merged label.
-MSD Task01's "non-enhancing tumour" (label 2) maps to canonical 3. File -> canonical -> file is
-exact for every value a convention defines.
+Each convention is a table from its file values to canonical classes, and one back.
+
+One meaning per canonical class. Since BraTS 2017 the challenges merge necrosis and
+non-enhancing tumour into one label, and every later convention inherited that merged label:
+
+    file value -> canonical class (and 0 background -> 0 in all):
+    brats2013   1 necrosis -> 1, 2 oedema -> 2, 3 non-enhancing -> 3, 4 enhancing -> 4
+    brats2017   1 NCR/NET -> 1, 2 ED (oedema) -> 2, 4 ET (enhancing) -> 4
+    brats2023   1 NETC -> 1, 2 SNFH (oedema) -> 2, 3 ET -> 4
+    msd         1 oedema -> 2, 2 "non-enhancing tumour" (NCR/NET) -> 1, 3 enhancing -> 4
+
+MSD Task01 is BraTS 2016/2017 data relabelled (ED -> 1, NCR/NET -> 2, ET -> 3): its label 2,
+although named "non-enhancing tumour", is the same merged NCR/NET tissue as BraTS 2017's
+label 1. The rule: a merged necrosis/non-enhancing label encodes to canonical 1 in every
+convention, so the same tissue is the same class whichever dataset it came from (a model
+trained on MSD and one trained on BraTS 2017 learn one class for it). Canonical 3 comes only
+from BRATS 2012-2015 labels (or a model trained on them).
+
+Decoding back: a convention that cannot express a canonical class writes the label that holds
+it. In brats2017, brats2023 and msd, canonical 1 (necrosis) and 3 (non-enhancing) both decode
+to the merged label; every convention expresses 0, 2 and 4. So file -> canonical -> file is the
+identity for every value a convention defines, canonical -> file -> canonical folds 3 into 1 in
+the merged conventions, and both directions keep the regions (whole, core, enhancing): 1 and 3
+are both tumour core and neither is enhancing.
 """
 
 from __future__ import annotations
@@ -97,7 +116,7 @@ CONVENTIONS: dict[str, Convention] = {
     "msd": Convention(
         "msd",
         {0: "background", 1: "oedema", 2: "non-enhancing", 3: "enhancing"},
-        {0: 0, 1: 2, 2: 3, 3: 4},
+        {0: 0, 1: 2, 2: 1, 3: 4},  # 2 is NCR/NET: canonical 1, as in brats2017
         {0: 0, 1: 2, 2: 1, 3: 2, 4: 3},
         {"whole": (1, 2, 3), "core": (2, 3), "enhancing": (3,)},
     ),
