@@ -131,3 +131,118 @@ def test_settings_round_trip_and_reject_unknown_keys():
     assert PreprocessSettings.from_dict(s.to_dict()) == s
     with pytest.raises(ValueError, match="unknown preprocessing setting"):
         PreprocessSettings.from_dict({"nfour": True})
+
+
+# -- cache key: everything that changes the cached arrays ---------------------------------------
+
+def _entry(path):
+    """The identity of a cache file: an atomic rewrite is a new file (new inode)."""
+    st = os.stat(path)
+    return st.st_ino, st.st_mtime_ns
+
+
+@pytest.fixture
+def cached_case(tmp_path):
+    """A brats2017 phantom and an msd copy of it, each with a fresh cache entry."""
+    ph = make_phantom((32, 40, 24), seed=0, case_id="c0")
+    write_phantom(ph, tmp_path / "brats", "brats2017")
+    write_phantom(ph, tmp_path / "msd", "msd")
+    (case,) = find_cases(tmp_path / "brats")
+    (msd,) = find_cases(tmp_path / "msd")
+    for c, cache in ((case, tmp_path / "cache"), (msd, tmp_path / "cache_msd")):
+        assert cached_preprocess(c, PreprocessSettings(), cache)[1]
+    return case, msd, tmp_path / "cache", tmp_path / "cache_msd"
+
+
+@pytest.mark.parametrize("field, value", [
+    ("clip_percentiles", (2.0, 98.0)), ("n4", True), ("n4_shrink", 2),
+    ("n4_iterations", (5, 5)), ("margin", 3)])
+def test_cache_rebuilds_when_a_setting_changes(cached_case, field, value):
+    case, _, cache, _ = cached_case
+    assert getattr(PreprocessSettings(), field) != value
+    settings = PreprocessSettings(**{field: value})
+    before = _entry(cache_path(cache, "c0"))
+    path, rebuilt = cached_preprocess(case, settings, cache)
+    assert rebuilt and _entry(path) != before
+    assert load_preprocessed(path).settings == settings
+    assert not cached_preprocess(case, settings, cache)[1]
+
+
+def test_cache_reuses_an_unchanged_entry(cached_case, tmp_path):
+    _, _, cache, cache_msd = cached_case
+    for root, d in ((tmp_path / "brats", cache), (tmp_path / "msd", cache_msd)):
+        before = _entry(cache_path(d, "c0"))
+        (again,) = find_cases(root)  # the same case, found anew
+        path, rebuilt = cached_preprocess(again, PreprocessSettings(), d)
+        assert not rebuilt and _entry(path) == before
+
+
+def test_cache_rebuilds_when_the_label_convention_changes(cached_case, monkeypatch):
+    import dataclasses
+
+    from tumorseg import labels
+
+    case, _, cache, _ = cached_case
+    path = cache_path(cache, "c0")
+    first = load_preprocessed(path)
+    # Same files read as brats2013 (values 0, 1, 2, 4 are valid there too): a new key.
+    before = _entry(path)
+    as2013 = dataclasses.replace(case, convention="brats2013")
+    assert cached_preprocess(as2013, PreprocessSettings(), cache)[1] and _entry(path) != before
+    assert not cached_preprocess(as2013, PreprocessSettings(), cache)[1]
+    # Same name, corrected table (oedema read as class 3): rebuilt, with the new labels.
+    assert cached_preprocess(case, PreprocessSettings(), cache)[1]
+    conv = labels.CONVENTIONS["brats2017"]
+    monkeypatch.setitem(labels.CONVENTIONS, "brats2017", dataclasses.replace(
+        conv, to_canonical={**conv.to_canonical, 2: 3}))
+    assert cached_preprocess(case, PreprocessSettings(), cache)[1]
+    relabelled = load_preprocessed(path).label
+    np.testing.assert_array_equal(relabelled, np.where(first.label == 2, 3, first.label))
+    assert (first.label == 2).any()
+
+
+def test_cache_rebuilds_when_the_modality_map_changes(cached_case):
+    import dataclasses
+
+    from tumorseg.datasets import MODALITIES
+
+    case, msd, cache, cache_msd = cached_case
+    t1, t2 = MODALITIES.index("t1"), MODALITIES.index("t2")
+    for c, d, field in ((case, cache, "images"), (msd, cache_msd, "channels")):
+        path = cache_path(d, "c0")
+        first = load_preprocessed(path)
+        mapping = dict(getattr(c, field))
+        mapping["t1"], mapping["t2"] = mapping["t2"], mapping["t1"]  # same files, swapped roles
+        swapped = dataclasses.replace(c, **{field: mapping})
+        before = _entry(path)
+        assert cached_preprocess(swapped, PreprocessSettings(), d)[1] and _entry(path) != before
+        again = load_preprocessed(path)  # each modality is normalised on its own: just swapped
+        np.testing.assert_array_equal(again.image[t1], first.image[t2])
+        np.testing.assert_array_equal(again.image[t2], first.image[t1])
+
+
+def test_cache_rebuilds_when_the_code_version_changes(cached_case, monkeypatch):
+    from tumorseg import preprocess
+
+    case, _, cache, _ = cached_case
+    before = _entry(cache_path(cache, "c0"))
+    monkeypatch.setattr(preprocess, "PREPROCESS_VERSION", preprocess.PREPROCESS_VERSION + 1)
+    path, rebuilt = cached_preprocess(case, PreprocessSettings(), cache)
+    assert rebuilt and _entry(path) != before
+    assert not cached_preprocess(case, PreprocessSettings(), cache)[1]
+
+
+def test_cache_entry_of_an_older_version_is_rebuilt(cached_case):
+    """An entry written with version 1's key (settings + sources only), as in existing
+    ~/runs/*/cache folders: rebuilt, no error."""
+    from tumorseg.preprocess import _sources, save_preprocessed
+
+    case, _, cache, _ = cached_case
+    path = cache_path(cache, "c0")
+    old = load_preprocessed(path)
+    save_preprocessed(old, path, {"version": 1, "case_id": "c0",
+                                  "settings": PreprocessSettings().to_dict(),
+                                  "sources": _sources(case)})
+    before = _entry(path)
+    assert cached_preprocess(case, PreprocessSettings(), cache)[1] and _entry(path) != before
+    np.testing.assert_array_equal(load_preprocessed(path).image, old.image)

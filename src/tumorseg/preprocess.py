@@ -11,8 +11,11 @@ The order, and why:
    sees outside the volume);
 5. crop to the mask's bounding box plus a margin; the CropRecord undoes it exactly.
 
-Results are cached as .npz files, written atomically; an entry stores the settings and source
-files (path, size, mtime) it came from and is rebuilt when either changes.
+Results are cached as .npz files, written atomically. An entry's key (`_meta`, stored in it)
+holds everything that changes its arrays: PREPROCESS_VERSION (bumped with the code), the
+settings, the label convention and its table to canonical classes, the modality -> file and
+-> channel maps, and each source file's path, size and mtime. An entry whose key differs, or
+that cannot be read (e.g. written by an older version, or truncated), is rebuilt.
 """
 
 from __future__ import annotations
@@ -28,8 +31,11 @@ import numpy as np
 
 from tumorseg.errors import TumorsegInputError
 from tumorseg.io import atomic_write
+from tumorseg.labels import get_convention
 
-CACHE_VERSION = 1
+# Bump when a code change alters what preprocessing (or load_case) computes for the same inputs:
+# every cache entry is then rebuilt. 2: the key gained the convention and the modality maps.
+PREPROCESS_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -192,7 +198,16 @@ def _sources(case) -> list[list]:
 
 
 def _meta(case, settings: PreprocessSettings) -> dict:
-    meta = {"version": CACHE_VERSION, "case_id": case.case_id, "settings": settings.to_dict(),
+    """The cache key of `case` (a datasets.Case) preprocessed with `settings`: everything the
+    cached arrays depend on, in the form it takes on disk."""
+    conv = get_convention(case.convention)
+    meta = {"version": PREPROCESS_VERSION, "case_id": case.case_id, "settings": settings.to_dict(),
+            # the table, not only the name: a corrected table must rebuild the labels
+            "convention": [case.convention, sorted(conv.to_canonical.items())],
+            # which file (and channel of a 4-D file) each modality is read from
+            "images": sorted((m, str(p)) for m, p in case.images.items()),
+            "channels": sorted(case.channels.items()),
+            "label": None if case.label is None else str(case.label),
             "sources": _sources(case)}
     return json.loads(json.dumps(meta))  # the form it takes on disk (tuples become lists)
 
@@ -232,7 +247,8 @@ def _read_meta(path: Path) -> dict | None:
 
 
 def cached_preprocess(case, settings: PreprocessSettings, cache_dir: str | Path) -> tuple[Path, bool]:
-    """Ensure a valid cache entry for `case`; returns (path, rebuilt)."""
+    """Ensure a valid cache entry for `case` (a datasets.Case) in `cache_dir`: reuse the entry
+    whose key (`_meta`) matches, else preprocess and write it. Returns (path, rebuilt)."""
     from tumorseg.datasets import load_case
 
     path = cache_path(cache_dir, case.case_id)
