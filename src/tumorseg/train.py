@@ -125,10 +125,29 @@ class Interrupted(Exception):
 
 # -- distributed -------------------------------------------------------------------------------
 
-def _dist_setup(device: str) -> tuple[int, int]:
+def _dist_init(device: str) -> bool:
+    """Join the torchrun process group if WORLD_SIZE > 1 and none exists; True if created here."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.distributed.is_initialized():
+        return False
+    torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return True
+
+
+def _dist_shutdown(completed: bool) -> None:
+    """Destroy the process group this process created. Left to interpreter exit, gloo's threads
+    can be torn down while still joinable, and the rank aborts ("terminate called without an
+    active exception"). After a completed run the ranks first wait for each other, so that none
+    closes its connections while a peer still writes its files; after an error or interruption
+    they do not, because the peers may never arrive."""
+    try:
+        if completed:
+            torch.distributed.barrier()
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _dist_rank_world() -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     if world > 1:
         return torch.distributed.get_rank(), world
     return 0, 1
@@ -244,9 +263,19 @@ def train(cfg: TrainConfig, data_root: str | Path, run_dir: str | Path, resume: 
     Layers are computed as `cfg.engine` and `cfg.precision` say (models.fastconv).
     Returns the summary.
     """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     fastconv.reuse_freed_memory()
-    with fastconv.options(EngineOptions(mode=cfg.engine, precision=cfg.precision)):
-        return _train(cfg, data_root, run_dir, resume, device, progress, log)
+    created = _dist_init(device)  # False inside a cascade's first-stage run: the caller owns it
+    completed = False
+    try:
+        with fastconv.options(EngineOptions(mode=cfg.engine, precision=cfg.precision)):
+            summary = _train(cfg, data_root, run_dir, resume, device, progress, log)
+        completed = True
+        return summary
+    finally:
+        if created:
+            _dist_shutdown(completed)
 
 
 def _train(cfg: TrainConfig, data_root: str | Path, run_dir: str | Path, resume: bool,
@@ -256,9 +285,7 @@ def _train(cfg: TrainConfig, data_root: str | Path, run_dir: str | Path, resume:
 
     t0 = time.time()
     run_dir = Path(run_dir)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    rank, world = _dist_setup(device)
+    rank, world = _dist_rank_world()
     if device.startswith("cuda") and world > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     if cfg.threads:
@@ -558,7 +585,13 @@ def _run_phase(run: _Run, p: PhaseConfig, p_idx: int, state: dict, saved: dict |
                         k.copy_(torch.renorm(k, 2, 0, p.max_norm))
             state["step"] = step + 1
             n_seen += len(anchors) * rf_outputs
-            loss_value = state["loss"] = float(loss.detach()) / world
+            # Rank r holds world x (its share of the batch-normalised CE) + the regularisers (and
+            # its share's Dice): the mean over ranks is the CE of the whole batch plus the same
+            # terms, i.e. what one process logs, and the loss whose gradient DDP averages.
+            logged = loss.detach().clone()
+            if world > 1:
+                torch.distributed.all_reduce(logged)
+            loss_value = state["loss"] = float(logged) / world
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}", patches_s=f"{n_seen / (time.time() - t_epoch):.0f}")
             if main_rank and (state["step"] % 10 == 0 or state["step"] == 1):
