@@ -178,6 +178,26 @@ def cmd_evaluate(args) -> int:
     return 1 if problems else 0
 
 
+# -- export ----------------------------------------------------------------------------------
+
+def cmd_export(args) -> int:
+    from tumorseg.export import export_onnx
+    from tumorseg.weights import resolve_model
+
+    model, meta = resolve_model(args.model)
+    result = export_onnx(model, meta, args.output, verify=not args.no_check)
+    props = result["metadata"]
+    pad = json.loads(props["padding"])
+    print(f"wrote {result['path']} ({result['bytes'] / 1e6:.1f} MB): {props['model']}, "
+          f"input [batch, 4, H, W] padded by {pad['before']}/{pad['after']} pixels, "
+          f"logits [batch, 5, H - {int(props['receptive_field']) - 1}, "
+          f"W - {int(props['receptive_field']) - 1}]")
+    if "max_abs_diff" in result:
+        print(f"onnxruntime matches PyTorch: max |logit difference| {result['max_abs_diff']:.1e} "
+              f"(logits up to {result['max_abs_logit']:.1f})")
+    return 0
+
+
 # -- demo ------------------------------------------------------------------------------------
 
 def cmd_demo(args) -> int:
@@ -329,6 +349,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add BraTS 2023 lesion-wise Dice and HD95")
     _common_data(p, auto=True)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("export", help="write a model's dense network as ONNX (needs "
+                                      "`pip install tumorseg[onnx]`)")
+    p.add_argument("--model", default=None, metavar="NAME_OR_PATH",
+                   help="released model (two_path, input_cascade; default two_path) or a "
+                        "model file written by `tumorseg train`")
+    p.add_argument("-o", "--output", required=True, metavar="FILE",
+                   help="ONNX file to write (replaced if it exists)")
+    p.add_argument("--no-check", action="store_true",
+                   help="do not run the written file in onnxruntime against PyTorch")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("demo", help="the whole pipeline on synthetic cases (a few minutes)")
     p.add_argument("--out", default="tumorseg_demo",
                    help="work folder: created, or replaced if an earlier demo made it "
