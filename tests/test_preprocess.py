@@ -108,6 +108,25 @@ def test_preprocess_dataset_reports_a_bad_case_and_continues(tmp_path):
     assert failed[0][0] == "c1" and "c1_t2.nii.gz" in failed[0][1]
 
 
+def test_preprocess_dataset_isolates_any_failure(tmp_path, monkeypatch):
+    from tumorseg import preprocess
+
+    root = tmp_path / "data"
+    for s in range(3):
+        write_phantom(make_phantom((32, 40, 24), seed=s, case_id=f"c{s}"), root, "brats2017")
+    real = preprocess.preprocess_case
+
+    def flaky(loaded, settings):
+        if loaded.case.case_id == "c1":
+            raise MemoryError()
+        return real(loaded, settings)
+
+    monkeypatch.setattr(preprocess, "preprocess_case", flaky)
+    done, failed = preprocess_dataset(find_cases(root), PreprocessSettings(), tmp_path / "cache",
+                                      progress=False)
+    assert [p.name for p in done] == ["c0.npz", "c2.npz"] and failed == [("c1", "MemoryError")]
+
+
 def test_n4_reduces_a_multiplicative_bias_field():
     """A uniform tissue under a smooth bias field: N4 must shrink its coefficient of variation."""
     shape = (48, 48, 32)

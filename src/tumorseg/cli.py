@@ -1,7 +1,9 @@
 """The `tumorseg` command: thin subcommands that parse arguments and call the Python API.
 
-Exit codes: 0 success; 1 some cases of a batch failed (each reported); 2 bad arguments or bad
-input (a one-line message, never a traceback); 130 interrupted (training saved a checkpoint).
+Exit codes: 0 success; 1 some cases of a batch failed (each reported on one line, whatever the
+error: bad input, out of memory, a runtime error), or the one case given failed with an error
+that is not bad input; 2 bad arguments or bad input (a one-line message, never a traceback);
+130 interrupted (training saved a checkpoint).
 """
 
 from __future__ import annotations
@@ -108,7 +110,7 @@ def cmd_segment(args) -> int:
     from tumorseg.datasets import find_cases
     import torch
 
-    from tumorseg.segment import SegmentOptions, files_case, segment_cases
+    from tumorseg.segment import CaseFailure, SegmentOptions, files_case, segment_cases
 
     labels = _labels_arg(args)
     files = {m: getattr(args, m) for m in ("t1", "t1c", "t2", "flair")}
@@ -147,12 +149,12 @@ def cmd_segment(args) -> int:
         args.model, cases, args.output, options, continue_=args.continue_,
         num_parts=args.num_parts, part_id=args.part_id, log=print)
     if args.part_id == 0:  # cases find_cases rejected belong to no part: part 0 reports them
-        failures = [(str(cid), str(err)) for cid, err in errors] + failures
-    if single and failures:
-        _err(failures[0][1])
-        return 2
-    for case_id, msg in failures:
-        _err(f"case {case_id} failed: {msg}")
+        failures = [CaseFailure(str(cid), str(err)) for cid, err in errors] + failures
+    if single and failures:  # bad input is 2, as for any single file; anything else 1
+        _err(failures[0].reason)
+        return 2 if failures[0].bad_input else 1
+    for failure in failures:
+        _err(f"case {failure.case_id} failed: {failure.reason}")
     print(f"segmented {len(results)} case(s) into {args.output}; {len(failures)} failed")
     return 1 if failures else 0
 

@@ -127,8 +127,8 @@ def run_crossval(cfg, data_root: str | Path, out_dir: str | Path, k: int = 4, se
         seg_dir = run_dir / f"seg{tag}"
         _, failures = segment_cases((model, meta), [by_id[c] for c in folds[i]], seg_dir, options,
                                     continue_=True)
-        for cid, reason in failures:
-            log(f"fold {i}: case {cid} failed: {reason}")
+        for failure in failures:
+            log(f"fold {i}: case {failure.case_id} failed: {failure.reason}")
 
     rows = []
     for i, fold in enumerate(folds):

@@ -17,3 +17,13 @@ class TumorsegInputError(ValueError):
         self.rule = rule
         message = f"{self.where}: {rule}" if self.where else rule
         super().__init__(" ".join(message.split()))  # always one line
+
+
+def one_line(exc: BaseException) -> str:
+    """`exc` as one line for a per-case report: a TumorsegInputError's own message; any other
+    exception (out of memory, a bug) prefixed with its type, e.g. "MemoryError" or
+    "RuntimeError: boom"."""
+    if isinstance(exc, TumorsegInputError):
+        return str(exc)
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

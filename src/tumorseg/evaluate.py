@@ -6,7 +6,7 @@ from pathlib import Path
 
 from tumorseg import metrics
 from tumorseg.datasets import find_cases
-from tumorseg.errors import TumorsegInputError
+from tumorseg.errors import TumorsegInputError, one_line
 from tumorseg.labels import get_convention
 
 PREDICTION_SUFFIXES = (".nii.gz", ".nii", ".mha")
@@ -27,7 +27,11 @@ def evaluate_folder(pred_dir: str | Path, ref_root: str | Path, layout: str | No
 
     Predictions pair with references by case id. A missing or unreadable prediction counts as
     empty and is reported; one whose shape or affine differs from its reference is reported and
-    not scored (and if no case is left, that is the error raised).
+    not scored; any other failure of a case (a corrupt reference, out of memory, a runtime
+    error) is reported and that case not scored, and the others go on (KeyboardInterrupt
+    stops). If no case is left: the grid mismatch of a single case, or a TumorsegInputError
+    naming the first problem, is raised; but if some case failed with an error that is not bad
+    input, the (empty) rows are returned with the problems.
     Returns (rows, [(case_id, one-line problem)]).
     """
     pred_dir = Path(pred_dir)
@@ -42,28 +46,50 @@ def evaluate_folder(pred_dir: str | Path, ref_root: str | Path, layout: str | No
                                            "ground truth (e.g. <id>_seg.nii.gz)")
     rows: list[dict] = []
     mismatches: list[metrics.GridMismatch] = []
+    unexpected = 0  # failures that are not bad input
     for case in labelled:
-        conv = get_convention(case.convention)
-        pred = prediction_path(pred_dir, case.case_id)
-        if pred is None:
-            problems.append((case.case_id, f"no prediction {pred_dir / case.case_id}.nii.gz "
-                                           "(or .nii, .mha): counted as empty"))
         try:
-            rows += metrics.evaluate_cases([(case.case_id, pred, case.label)], conv,
-                                           lesionwise=lesionwise)
+            case_rows, case_problems = _score_case(case, pred_dir, lesionwise)
         except metrics.GridMismatch as exc:
             problems.append((case.case_id, f"{exc}: not scored"))
             mismatches.append(exc)
             continue
-        except TumorsegInputError as exc:
-            if pred is None or exc.where != str(pred):
-                problems.append((case.case_id, f"reference case skipped: {exc}"))
-                continue
-            problems.append((case.case_id, f"{exc}: counted as empty"))
-            rows += metrics.evaluate_cases([(case.case_id, None, case.label)], conv,
-                                           lesionwise=lesionwise)
+        except TumorsegInputError as exc:  # about the reference: the prediction's are handled
+            problems.append((case.case_id, f"reference case skipped: {exc}"))
+            continue
+        except Exception as exc:  # out of memory, a bug: this case only, the batch goes on
+            problems.append((case.case_id, f"not scored: {one_line(exc)}"))
+            unexpected += 1
+            continue
+        rows += case_rows
+        problems += case_problems
     if not rows and len(mismatches) == len(labelled):
         raise mismatches[0]  # e.g. the one case: its one-line reason, naming both files
-    if not rows:
-        raise TumorsegInputError(ref_root, "no case could be evaluated")
+    if not rows and not unexpected:
+        cid, problem = problems[0]
+        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        raise TumorsegInputError(ref_root, f"no case could be evaluated: case {cid}: "
+                                           f"{problem}{more}")
     return rows, problems
+
+
+def _score_case(case, pred_dir: Path, lesionwise: bool) -> tuple[list[dict], list[tuple[str, str]]]:
+    """Rows and problems of one case (a bad or missing prediction counts as empty); raises
+    GridMismatch, a TumorsegInputError about the reference, or anything unexpected."""
+    conv = get_convention(case.convention)
+    pred = prediction_path(pred_dir, case.case_id)
+    problems = []
+    if pred is None:
+        problems.append((case.case_id, f"no prediction {pred_dir / case.case_id}.nii.gz "
+                                       "(or .nii, .mha): counted as empty"))
+    try:
+        return metrics.evaluate_cases([(case.case_id, pred, case.label)], conv,
+                                      lesionwise=lesionwise), problems
+    except metrics.GridMismatch:
+        raise
+    except TumorsegInputError as exc:
+        if pred is None or exc.where != str(pred):
+            raise  # about the reference
+        problems.append((case.case_id, f"{exc}: counted as empty"))
+    return metrics.evaluate_cases([(case.case_id, None, case.label)], conv,
+                                  lesionwise=lesionwise), problems

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tumorseg.errors import TumorsegInputError
+from tumorseg.errors import TumorsegInputError, one_line
 from tumorseg.io import atomic_write
 from tumorseg.labels import get_convention
 
@@ -263,15 +263,16 @@ def _worker(args):
     case, settings, cache_dir = args
     try:
         return case.case_id, cached_preprocess(case, settings, cache_dir), None
-    except TumorsegInputError as exc:
-        return case.case_id, None, str(exc)
+    except Exception as exc:  # bad input or not (out of memory...): this case only
+        return case.case_id, None, one_line(exc)
 
 
 def preprocess_dataset(cases, settings: PreprocessSettings, cache_dir: str | Path, workers: int = 1,
                        progress: bool = True) -> tuple[list[Path], list[tuple[str, str]]]:
     """Preprocess `cases` into `cache_dir` with a process pool.
 
-    Returns (cache paths of the cases that succeeded, [(case_id, one-line error)] of the rest).
+    Returns (cache paths of the cases that succeeded, [(case_id, one-line error)] of the rest):
+    any exception in one case (not only bad input) fails that case only.
     """
     from tqdm import tqdm
 

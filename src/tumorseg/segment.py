@@ -42,14 +42,14 @@ import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
 
 from tumorseg import io, report
 from tumorseg.datasets import Case, LoadedCase, input_warnings, load_case
-from tumorseg.errors import TumorsegInputError
+from tumorseg.errors import TumorsegInputError, one_line
 from tumorseg.geometry import ModelSpace, Transform, to_model_space
 from tumorseg.infer import BATCH_SIZE, predict_labels, resolve_device
 from tumorseg.labels import CLASS_NAMES, get_convention
@@ -323,22 +323,42 @@ def select_part(cases: Sequence[Case], num_parts: int = 1, part_id: int = 0) -> 
     return sorted(cases, key=lambda c: c.case_id)[part_id::num_parts]
 
 
+class CaseFailure(NamedTuple):
+    """A case of a batch that failed: its id, the one-line reason, and whether the reason is
+    bad input (a TumorsegInputError) rather than, e.g., running out of memory."""
+
+    case_id: str
+    reason: str
+    bad_input: bool = True
+
+
+def _reference_error(exc: BaseException, case: Case) -> bool:
+    """Whether `exc` is about the case's ground-truth file (unreadable, off the grid, values
+    outside the convention), which segmentation does not need."""
+    return (isinstance(exc, TumorsegInputError) and case.label is not None
+            and exc.where == str(case.label))
+
+
 def segment_cases(model_spec, cases: Sequence[Case], out_dir: str | Path,
                   options: SegmentOptions = SegmentOptions(), *, continue_: bool = False,
                   num_parts: int = 1, part_id: int = 0, log=None
-                  ) -> tuple[list[dict], list[tuple[str, str]]]:
+                  ) -> tuple[list[dict], list[CaseFailure]]:
     """Segment a batch of cases into `out_dir`.
 
     model_spec: `--model` (a released name, a model file path, or None for the default; see
         tumorseg.weights.resolve_model) or a (model, meta) pair already loaded.
     cases: all cases; this process takes `select_part(cases, num_parts, part_id)`.
     continue_: skip cases whose outputs are complete (`is_complete`).
-    log: optional callable(str) told about each case done or skipped by `continue_`.
+    log: optional callable(str) told about each case done (and its warnings) or skipped by
+        `continue_`.
     With options.prefetch, the next case is read and preprocessed in a background thread while
     the current one is inferred (reading is I/O and zlib, which release the GIL), so a batch
     runs at inference speed.
-    Returns (results of the cases segmented now, [(case_id, one-line reason)] of the cases that
-    failed with bad input). Other errors propagate.
+    A case's ground truth is read only for the overlay (options.overlay), and a bad one there
+    costs the overlay its reference panel (a warning), not the case.
+    Returns (results of the cases segmented now, CaseFailure of each case that failed). Any
+    exception while handling one case (bad input, out of memory, a runtime error) fails that
+    case only and the batch goes on; KeyboardInterrupt stops it.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -365,27 +385,39 @@ def segment_cases(model_spec, cases: Sequence[Case], out_dir: str | Path,
         if continue_ and is_complete(case, out_dir, **options.outputs()):
             if log:
                 log(f"case {case.case_id}: output exists, skipped (--continue)")
-        else:
+        elif options.overlay:
             todo.append(case)
+        else:  # the ground truth is only drawn in the overlay: not read, so it cannot fail
+            todo.append(dataclasses.replace(case, label=None))
     results: list[dict] = []
-    failures: list[tuple[str, str]] = []
+    failures: list[CaseFailure] = []
     pool = ThreadPoolExecutor(1, thread_name_prefix="tumorseg-prefetch") if options.prefetch \
         else None
     pending = pool.submit(prepare_case, todo[0], meta) if pool and todo else None  # case i
     try:
         for i, case in enumerate(tqdm(todo, desc="cases", unit="case",
                                       disable=not options.progress)):
+            current = None
             try:
-                if pool:  # queue the next case before waiting for this one
-                    future = pending
-                    pending = (pool.submit(prepare_case, todo[i + 1], meta)
-                               if i + 1 < len(todo) else None)
-                    current = future.result()
-                else:
-                    current = case
-                result = segment_case(model, meta, current, out_dir, options)
-            except TumorsegInputError as exc:
-                failures.append((case.case_id, str(exc)))
+                try:
+                    if pool:  # queue the next case before waiting for this one
+                        future = pending
+                        pending = (pool.submit(prepare_case, todo[i + 1], meta)
+                                   if i + 1 < len(todo) else None)
+                        current = future.result()
+                    else:
+                        current = case
+                    result = segment_case(model, meta, current, out_dir, options)
+                except TumorsegInputError as exc:
+                    if not _reference_error(exc, case):
+                        raise
+                    current = None
+                    result = segment_case(model, meta, dataclasses.replace(case, label=None),
+                                          out_dir, options)
+                    result["warnings"].append(f"{exc}: the overlay shows no ground truth")
+            except Exception as exc:  # any failure is this case's only (KeyboardInterrupt is not)
+                failures.append(CaseFailure(case.case_id, one_line(exc),
+                                            isinstance(exc, TumorsegInputError)))
                 continue
             finally:
                 current = None
@@ -393,6 +425,8 @@ def segment_cases(model_spec, cases: Sequence[Case], out_dir: str | Path,
             results.append(result)
             if log:
                 log(f"case {case.case_id}: {result['labels']} ({result['seconds']:.1f} s)")
+                for warning in result["warnings"]:
+                    log(f"case {case.case_id}: warning: {warning}")
     finally:
         if pool:
             pool.shutdown(wait=True, cancel_futures=True)
