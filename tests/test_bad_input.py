@@ -26,8 +26,28 @@ def test_bad_input_raises_one_line_naming_file_and_rule(tmp_path, kind):
     assert rule in message, message
 
 
+def _kinds_with_a_branch() -> set[str]:
+    """The kinds make_bad_dataset builds, read from its source: every string that `kind` is
+    compared with (`kind == "nan"`, `kind in ("nan", "inf")`)."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(make_bad_dataset))
+    kinds = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare) and isinstance(node.left, ast.Name) \
+                and node.left.id == "kind":
+            for op, right in zip(node.ops, node.comparators):
+                if isinstance(op, (ast.Eq, ast.In)):
+                    kinds |= {c.value for c in ast.walk(right)
+                              if isinstance(c, ast.Constant) and isinstance(c.value, str)}
+    return kinds
+
+
 def test_every_bad_kind_has_an_expectation():
-    assert sorted(BAD_KINDS) == sorted(BAD_EXPECT)
+    """Each branch of make_bad_dataset is a kind the tests run (BAD_KINDS) with an expectation,
+    and each expectation has a branch (else its "bad" dataset would be a good one)."""
+    assert _kinds_with_a_branch() == set(BAD_EXPECT) == set(BAD_KINDS)
     with pytest.raises(ValueError, match="unknown bad-dataset kind"):
         make_bad_dataset(None, "nope")
 

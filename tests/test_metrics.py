@@ -107,7 +107,17 @@ def test_empty_rules(pred_any, ref_any, expected):
         "ppv": ppv(pred, ref),
     }
     assert got == expected
-    assert HD95_ONE_EMPTY == 373.13
+
+
+def test_hd95_penalty_is_the_brats_volume_diagonal():
+    """373.13 mm (BraTS 2017-2022, CaPTk): the diagonal of the 240 x 240 x 155 mm volume, i.e.
+    the HD95 of two voxels at opposite corners of it, computed by the non-empty path."""
+    a = np.zeros((2, 2, 2), bool)
+    b = np.zeros((2, 2, 2), bool)
+    a[0, 0, 0] = b[1, 1, 1] = True
+    corners = hd95(a, b, (240.0, 240.0, 155.0))
+    assert_close(corners, math.sqrt(240**2 + 240**2 + 155**2), 1e-9, "corner to corner")
+    assert round(corners, 2) == HD95_ONE_EMPTY
 
 
 def test_specificity_without_negatives_is_one():

@@ -7,8 +7,10 @@ import re
 import numpy as np
 import pytest
 
-from tumorseg.labels import CONVENTIONS
-from tumorseg.report import COLOURS, _display, most_tumour_slice, overlay_png, write_colour_tables
+from tumorseg.datasets import MODALITIES
+from tumorseg.labels import CONVENTIONS, N_CLASSES
+from tumorseg.report import (OVERLAY_ALPHA, _display, most_tumour_slice, overlay_png,
+                             write_colour_tables)
 
 SNAP_ROW = re.compile(
     r'^\s*(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+([0-9.]+)\s+([01])\s+([01])\s+"([^"]*)"$'
@@ -70,8 +72,32 @@ def test_colour_table_exact_rows(tmp_path):
     assert "4 ET 255 255 0 255" in ctbl.read_text().splitlines()
 
 
-def test_colours_are_the_canonical_table():
-    assert COLOURS == {0: (0, 0, 0), 1: RED, 2: GREEN, 3: BLUE, 4: YELLOW}
+@pytest.mark.parametrize("cls", range(1, N_CLASSES))
+def test_overlay_draws_each_class_in_its_colour_table_colour(tmp_path, cls):
+    """The PNG shows a class in the colour ITK-SNAP and Slicer give it (labels.txt, checked
+    above against the class meanings): a slice full of the class over a black FLAIR is that
+    colour at OVERLAY_ALPHA, and no other class's colour appears."""
+    import matplotlib.image
+
+    snap, _ = write_colour_tables(tmp_path, "brats2013")  # file values = canonical classes
+    table = {}
+    for line in snap.read_text().splitlines():
+        m = SNAP_ROW.match(line)
+        if m and int(m.group(1)):
+            table[int(m.group(1))] = np.array([int(v) for v in m.groups()[1:4]], float)
+    assert sorted(table) == list(range(1, N_CLASSES))
+    image = np.random.default_rng(0).normal(100.0, 20.0, (4, 24, 20, 3)).astype(np.float32)
+    image[MODALITIES.index("flair")] = 0.0  # black under the labels: their colour alone
+    out = overlay_png(tmp_path / "o.png", image, np.full((24, 20, 3), cls, np.uint8), "c",
+                      slice_index=1)
+    pixels = np.round(matplotlib.image.imread(out)[..., :3] * 255.0)
+    panel = pixels[:, -pixels.shape[1] // 5:].reshape(-1, 3)  # labels: the last of 5 panels
+
+    def share(c: int) -> float:  # Agg blends in 8 bits: within 2 of the exact blend
+        return float(np.mean(np.abs(panel - table[c] * OVERLAY_ALPHA).max(axis=1) <= 2))
+
+    assert share(cls) > 0.5, share(cls)  # the slice's image fills most of its panel
+    assert [c for c in table if c != cls and share(c) > 0] == []
 
 
 def test_most_tumour_slice():
