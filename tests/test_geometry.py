@@ -139,3 +139,27 @@ def test_segment_permuted_flipped_and_3mm_case(shared_data, tmp_path):
     got = np.asarray(moved_out.dataobj)
     d = dice(got > 0, expect > 0)
     assert d >= 0.95, d
+
+
+def test_training_cache_is_in_model_space(phantom, tmp_path):
+    """A case stored with other axes is cached (for training) as the LPS case is: same arrays."""
+    from tumorseg.datasets import find_cases
+    from tumorseg.phantom import write_phantom
+    from tumorseg.preprocess import PreprocessSettings, cached_preprocess, load_preprocessed
+
+    folder = write_phantom(phantom, tmp_path / "lps", "brats2017")
+    moved = tmp_path / "moved" / folder.name
+    moved.mkdir(parents=True)
+    for f in folder.glob("*.nii.gz"):
+        img = nib.load(str(f))
+        out = _reoriented(np.asarray(img.dataobj), img.affine, "SAR")
+        nib.save(nib.Nifti1Image(np.asarray(out.dataobj), out.affine), str(moved / f.name))
+    settings = PreprocessSettings()
+    a = load_preprocessed(cached_preprocess(find_cases(folder.parent)[0], settings,
+                                            tmp_path / "c1")[0])
+    b = load_preprocessed(cached_preprocess(find_cases(moved.parent)[0], settings,
+                                            tmp_path / "c2")[0])
+    assert a.image.shape == b.image.shape
+    np.testing.assert_array_equal(a.label, b.label)
+    np.testing.assert_array_equal(a.mask, b.mask)
+    np.testing.assert_allclose(a.image, b.image, atol=1e-5)

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from tumorseg.errors import TumorsegInputError, one_line
+from tumorseg.geometry import MODEL_SPACE, to_model_space
 from tumorseg.io import atomic_write
 from tumorseg.labels import get_convention
 
@@ -208,6 +209,8 @@ def _meta(case, settings: PreprocessSettings) -> dict:
             "images": sorted((m, str(p)) for m, p in case.images.items()),
             "channels": sorted(case.channels.items()),
             "label": None if case.label is None else str(case.label),
+            # the grid training sees (geometry.to_model_space): a new one rebuilds the arrays
+            "space": MODEL_SPACE.to_dict(),
             "sources": _sources(case)}
     return json.loads(json.dumps(meta))  # the form it takes on disk (tuples become lists)
 
@@ -255,7 +258,9 @@ def cached_preprocess(case, settings: PreprocessSettings, cache_dir: str | Path)
     meta = _meta(case, settings)
     if path.exists() and _read_meta(path) == meta:
         return path, False
-    save_preprocessed(preprocess_case(load_case(case), settings), path, meta)
+    # Training sees what segment feeds the model: the case in the model's space.
+    loaded, _ = to_model_space(load_case(case), MODEL_SPACE)
+    save_preprocessed(preprocess_case(loaded, settings), path, meta)
     return path, True
 
 
