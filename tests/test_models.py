@@ -66,10 +66,11 @@ def test_contract(name):
             assert not p.requires_grad and p.grad is None, f"frozen {n} received a gradient"
 
 
-def test_unfrozen_cascade_trains_its_first_stage():
-    model = build_model("input_cascade", init="default", freeze_first=False)
-    model(torch.randn(2, 4, 65, 65)).sum().backward()
-    assert all(p.grad is not None for p in model.first.parameters())
+def test_freeze_first_is_no_longer_an_option():
+    """A cascade's first stage is always frozen (train() never trained it whatever this option
+    said); the removed option is refused like any unknown one, naming the valid ones."""
+    with pytest.raises(TumorsegInputError, match=r"unknown model option\(s\) \['freeze_first'\]"):
+        build_model("input_cascade", freeze_first=False)
 
 
 def test_frozen_first_stage_stays_in_eval_mode():

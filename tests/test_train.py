@@ -7,6 +7,7 @@ in-process and subprocess runs are bitwise comparable.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -378,7 +379,35 @@ def test_cascade_trains_its_first_stage_then_keeps_it_frozen(phantoms, tmp_path)
     cascade = weights(run / "model.pt")
     assert_bitwise_equal(first_stage_of(cascade), first_meta["state_dict"],
                          "cascade's first stage vs the trained two_path")
-    assert torch.load(run / "model.pt", weights_only=False)["first_stage"] == str(first_file)
+    meta = torch.load(run / "model.pt", weights_only=False)
+    assert meta["first_stage"] == str(first_file)
+    # the first stage ran on its own config: the cascade's, as a two_path
+    config = json.loads((run / "config.json").read_text())
+    assert json.loads((run / "first_stage" / "config.json").read_text()) == \
+        {**config, "model": "two_path", "first_stage": ""}
+    # the cascade stores that stage's full architecture and its preprocessing
+    first_cfg = build_model("two_path", **first_meta["model_options"]).cfg
+    assert meta["first_options"] == dataclasses.asdict(first_cfg)
+    assert meta["first_preprocess"] == first_meta["preprocess"] == meta["preprocess"]
+
+
+def test_cascade_refuses_a_first_stage_preprocessed_otherwise(phantoms, tmp_path,
+                                                             interrupted_runs):
+    """A first stage trained with margin 8 under a cascade config with margin 4: refused with
+    the file and the rule, before any case is preprocessed."""
+    from tumorseg.errors import TumorsegInputError
+
+    root, cache = phantoms
+    first_file = interrupted_runs["runs"]["reference"] / "model.pt"
+    assert torch.load(first_file, weights_only=False)["preprocess"]["margin"] == 8
+    ov = overrides(cache, p1=(1, 2), p2=(1, 2), extra=[
+        'model="mf_cascade"', f'first_stage="{first_file}"', "preprocess.margin=4",
+        f'data.cache_dir="{tmp_path / "cache"}"'])
+    with pytest.raises(TumorsegInputError) as err:
+        run_train(root, tmp_path / "mf", ov)
+    assert str(err.value) == (f"{first_file}: a cascade's first stage must be trained with the "
+                              f"cascade's preprocessing; first stage vs cascade: margin 8 vs 4")
+    assert not (tmp_path / "cache").exists()
 
 
 def test_cascade_loads_a_given_first_stage_and_keeps_it_frozen(phantoms, tmp_path,

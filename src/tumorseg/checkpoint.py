@@ -1,12 +1,14 @@
 """Saving and loading models: training checkpoints and portable model files.
 
-A model file is a dict with the architecture (registry name and options, and the first stage's
-options for a cascade), the weights, and what segmentation needs to reproduce training: the
-preprocessing settings and the label convention of the training data. Writes are atomic.
+A model file is a dict with the architecture (registry name and options; a cascade's first
+stage's full TwoPathConfig and its preprocessing settings), the weights, and what segmentation
+needs to reproduce training: the preprocessing settings and the label convention of the
+training data. Writes are atomic.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 
@@ -15,7 +17,6 @@ import torch
 from tumorseg.errors import TumorsegInputError
 from tumorseg.io import atomic_write
 from tumorseg.models import Cascade, build_model
-from tumorseg.models.two_path import TwoPathCNN
 
 FORMAT = "tumorseg-model-v1"
 
@@ -24,26 +25,47 @@ def describe(model: torch.nn.Module, name: str, options: dict) -> dict:
     """Architecture description stored with weights."""
     meta = {"format": FORMAT, "model": name, "model_options": dict(options),
             "receptive_field": model.receptive_field}
-    if isinstance(model, Cascade):
-        meta["first_options"] = _options_of(model.first)
+    if isinstance(model, Cascade):  # every field: a first stage unlike the defaults rebuilds
+        meta["first_options"] = dataclasses.asdict(model.first.cfg)
     return meta
 
 
-def _options_of(model: TwoPathCNN) -> dict:
-    cfg = model.cfg
-    return {"pieces": cfg.pieces, "dropout": cfg.dropout, "batchnorm": cfg.batchnorm}
+def _tuples(options: dict) -> dict:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
 
 
 def build_from_meta(meta: dict) -> torch.nn.Module:
     """Instantiate the architecture a model file describes (weights not loaded)."""
-    options = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["model_options"].items()}
-    if "first_options" in meta:
-        first = build_model("two_path", **meta["first_options"])
+    # Files written before `freeze_first` was removed may carry it; the first stage was frozen
+    # in every training run regardless of its value.
+    options = _tuples({k: v for k, v in meta["model_options"].items() if k != "freeze_first"})
+    if "first_options" in meta:  # older files hold 3 fields; the rest were the defaults
         model = build_model(meta["model"], **options)
-        model.first = first
-        model.first.requires_grad_(not model.freeze_first)
+        model.first = build_model("two_path", **_tuples(meta["first_options"]))
+        model.first.requires_grad_(False)
         return model
     return build_model(meta["model"], **options)
+
+
+def check_first_stage_preprocess(where: str | Path, first: dict | None,
+                                 cascade: dict | None) -> None:
+    """Refuse a cascade whose first stage was trained on inputs preprocessed otherwise (`first`,
+    `cascade`: PreprocessSettings dicts): it would see intensities unlike its training data."""
+    from tumorseg.preprocess import PreprocessSettings
+
+    if first is None or cascade is None:
+        raise TumorsegInputError(where, "a cascade's first stage must record its preprocessing "
+                                        "settings, to be checked against the cascade's")
+    try:
+        a, b = PreprocessSettings.from_dict(first), PreprocessSettings.from_dict(cascade)
+    except (TumorsegInputError, TypeError) as exc:
+        raise TumorsegInputError(where, f"unreadable preprocessing settings: {exc}") from None
+    differ = [f"{f.name} {getattr(a, f.name)} vs {getattr(b, f.name)}"
+              for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(b, f.name)]
+    if differ:
+        raise TumorsegInputError(where, "a cascade's first stage must be trained with the "
+                                        "cascade's preprocessing; first stage vs cascade: "
+                                        + "; ".join(differ))
 
 
 def save(path: str | Path, payload: dict) -> Path:
@@ -71,6 +93,8 @@ def load_model(path: str | Path, expected_sha256: str | None = None,
                                        "only tensors and plain settings are loaded)") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise TumorsegInputError(path, f"not a tumorseg model file (format {FORMAT} expected)")
+    if "first_preprocess" in payload:  # absent from files written before it was recorded
+        check_first_stage_preprocess(path, payload["first_preprocess"], payload.get("preprocess"))
     model = build_from_meta(payload)
     state = {k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()}
     model.load_state_dict(state)

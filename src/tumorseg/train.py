@@ -36,6 +36,7 @@ from tumorseg.io import atomic_write
 from tumorseg.labels import CANONICAL_REGIONS
 from tumorseg.models import Cascade, build_model, fastconv
 from tumorseg.models.fastconv import EngineOptions
+from tumorseg.models.two_path import TwoPathCNN
 from tumorseg.preprocess import PreprocessSettings
 from tumorseg.sampling import SAMPLING_MODES, Sampler, SliceData, class_frequencies, prepare
 
@@ -103,7 +104,8 @@ class TrainConfig:
     model: str = "two_path"
     seed: int = 0
     model_options: dict = field(default_factory=dict)
-    first_stage: str = ""  # cascades: model file of the first TwoPathCNN; empty = train it here
+    first_stage: str = ""  # cascades: model file of the first TwoPathCNN, trained with this
+    # config's preprocessing (checked); empty = train it here
     preprocess: PreprocessSettings = PreprocessSettings()
     data: DataConfig = DataConfig()
     augment: AugmentConfig = AugmentConfig()
@@ -304,14 +306,18 @@ def _train(cfg: TrainConfig, data_root: str | Path, run_dir: str | Path, resume:
         with atomic_write(config_path) as tmp:
             tmp.write_text(json.dumps(resolved, indent=2))
 
-    # Cascades: the first stage is a trained TwoPathCNN, loaded or trained here first.
+    # Cascades: the first stage is a trained TwoPathCNN, loaded or trained here first. Trained
+    # here, it is a two_path run of its own (its config.json, checkpoints and model.pt under
+    # RUN_DIR/first_stage) with this config's data, preprocessing, seed, options and phases.
     first_path = cfg.first_stage
     if cfg.model.endswith("cascade") and not first_path:
-        first_cfg = dataclasses.replace(cfg, model="two_path")
+        first_cfg = dataclasses.replace(cfg, model="two_path", first_stage="")
         first_dir = run_dir / "first_stage"
         train(first_cfg, data_root, first_dir, resume=resume and (first_dir / "checkpoint.pt").exists()
               or (first_dir / "summary.json").exists(), device=device, progress=progress, log=log)
         first_path = str(first_dir / "model.pt")
+    if cfg.model.endswith("cascade"):  # refused before any preprocessing
+        first_meta = _first_stage_meta(first_path, cfg.preprocess)
 
     # Data: find, split, preprocess (cached), load.
     cases = find_cases(data_root, layout=cfg.data.layout or None, labels=cfg.data.labels or None)
@@ -335,9 +341,11 @@ def _train(cfg: TrainConfig, data_root: str | Path, run_dir: str | Path, resume:
     torch.manual_seed(cfg.seed)
     options = dict(cfg.model_options)
     if cfg.model.endswith("cascade"):
+        # loaded (again) after the seed, so that the second stage starts from the same random
+        # weights as in runs before the early check; describe() stores this stage's own config
         first, _ = ckpt.load_model(first_path)
         model = build_model(cfg.model, **options)
-        model.first = first
+        model.first = first  # replaces the placeholder built from the second stage's options
         model.first.requires_grad_(False)
     else:
         model = build_model(cfg.model, **options)
@@ -353,6 +361,7 @@ def _train(cfg: TrainConfig, data_root: str | Path, run_dir: str | Path, resume:
                 train_cases=train_ids, val_cases=val_ids, seed=cfg.seed)
     if cfg.model.endswith("cascade"):
         meta["first_stage"] = str(first_path)
+        meta["first_preprocess"] = first_meta["preprocess"]  # checked again on every load
 
     state = {"phase": 0, "epoch": 0, "step": 0, "best": -1.0, "best_state": None, "bad_epochs": 0,
              "done": False, "phase_log": [], "loss": None, "last_val": None}
@@ -412,6 +421,17 @@ def _train(cfg: TrainConfig, data_root: str | Path, run_dir: str | Path, resume:
         with atomic_write(run_dir / "summary.json") as tmp:
             tmp.write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _first_stage_meta(path: str | Path, preprocess: PreprocessSettings) -> dict:
+    """Metadata of a cascade's first-stage model file, refused unless it is a TwoPathCNN trained
+    with `preprocess` (the cascade's), since both stages see the same preprocessed inputs."""
+    first, meta = ckpt.load_model(path)
+    if not isinstance(first, TwoPathCNN):
+        raise TumorsegInputError(path, f"a cascade's first stage must be a TwoPathCNN (two_path, "
+                                       f"local_path or global_path), not {meta['model']!r}")
+    ckpt.check_first_stage_preprocess(path, meta.get("preprocess"), preprocess.to_dict())
+    return meta
 
 
 def state_digest(state_dict: dict) -> str:

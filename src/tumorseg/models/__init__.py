@@ -29,14 +29,15 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "local_path": lambda **o: TwoPathCNN(_config(**{**o, "paths": ("local",)})),
     "global_path": lambda **o: TwoPathCNN(_config(**{**o, "paths": ("global",)})),
     "two_path": lambda **o: TwoPathCNN(_config(**o)),
-    "input_cascade": lambda freeze_first=True, **o: Cascade("input", None, _config(**o), freeze_first),
-    "local_cascade": lambda freeze_first=True, **o: Cascade("local", None, _config(**o), freeze_first),
-    "mf_cascade": lambda freeze_first=True, **o: Cascade("output", None, _config(**o), freeze_first),
+    "input_cascade": lambda **o: Cascade("input", None, _config(**o)),
+    "local_cascade": lambda **o: Cascade("local", None, _config(**o)),
+    "mf_cascade": lambda **o: Cascade("output", None, _config(**o)),
 }
 
 
 def build_model(name: str, **options) -> nn.Module:
-    """Build a registered model; `options` are TwoPathConfig fields (plus `freeze_first`)."""
+    """Build a registered model; `options` are TwoPathConfig fields (a cascade's: its second
+    stage's; its first stage is built from the second's options until a trained one replaces it)."""
     if name not in MODELS:
         raise TumorsegInputError(None, f"unknown model {name!r}; valid: {', '.join(MODELS)}")
     return MODELS[name](**options)

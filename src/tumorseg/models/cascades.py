@@ -20,10 +20,15 @@ JOIN_GRID = {"input": PATCH, "local": PATCH - LOCAL1_RF + 1, "output": PATCH - F
 
 
 class Cascade(nn.Module):
-    """Input [B, 4, S, S'] -> logits [B, 5, S - rf + 1, S' - rf + 1]."""
+    """Input [B, 4, S, S'] -> logits [B, 5, S - rf + 1, S' - rf + 1].
+
+    The first stage is frozen, as in the paper: eval mode (no dropout, fixed batch-norm
+    statistics) even while the second stage trains, and no gradient (whoever replaces `first`
+    with a trained TwoPathCNN freezes it: train.py, checkpoint.build_from_meta).
+    """
 
     def __init__(self, join: str, first: TwoPathCNN | None = None,
-                 second_cfg: TwoPathConfig = TwoPathConfig(), freeze_first: bool = True):
+                 second_cfg: TwoPathConfig = TwoPathConfig()):
         super().__init__()
         if join not in JOIN_GRID:
             raise ValueError(f"join must be one of {sorted(JOIN_GRID)}, got {join!r}")
@@ -38,14 +43,11 @@ class Cascade(nn.Module):
         # Where the second stage's window sits inside the cascade's window (floor for even rf:
         # the local join grid has a half-pixel centre, so the stages align to within 1/2 voxel).
         self.offset = (self.receptive_field - PATCH) // 2
-        self.freeze_first = freeze_first
-        if freeze_first:
-            self.first.requires_grad_(False)
+        self.first.requires_grad_(False)
 
     def train(self, mode: bool = True) -> "Cascade":
         super().train(mode)
-        if self.freeze_first:
-            self.first.eval()  # a frozen stage keeps dropout off and batch-norm statistics fixed
+        self.first.eval()  # a frozen stage keeps dropout off and batch-norm statistics fixed
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -92,8 +92,9 @@ def release(model_file: str | Path, name: str, weights_dir: Path | None = None,
 
     weights_dir = weights_dir or WEIGHTS_DIR
     payload = torch.load(model_file, map_location="cpu", weights_only=True)
-    keep = ("format", "model", "model_options", "receptive_field", "first_options", "preprocess",
-            "convention", "train_cases", "val_cases", "seed", "summary")
+    keep = ("format", "model", "model_options", "receptive_field", "first_options",
+            "first_preprocess", "preprocess", "convention", "train_cases", "val_cases", "seed",
+            "summary")
     out = {k: payload[k] for k in keep if k in payload}
     out["state_dict"] = {k: v.half() if v.is_floating_point() else v
                          for k, v in payload["state_dict"].items()}
