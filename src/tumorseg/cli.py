@@ -200,6 +200,43 @@ def cmd_export(args) -> int:
     return 0
 
 
+# -- report ----------------------------------------------------------------------------------
+
+def cmd_report(args) -> int:
+    from tumorseg.html_report import write_report
+
+    summary = write_report(args.input, args.output, images=args.images, metrics=args.metrics,
+                           progress=_progress(args), labels=args.labels, layout=args.layout,
+                           modality=args.modality)
+    for failure in summary["failed"]:
+        _err(f"case {failure['case_id']} failed: {failure['reason']}")
+    print(f"wrote {summary['path']}: {len(summary['cases'])} case(s), "
+          f"{len(summary['failed'])} failed")
+    return 1 if summary["failed"] else 0  # as segment: the page is written, some cases failed
+
+
+def _add_report_parser(sub) -> None:
+    p = sub.add_parser("report", help="one self-contained HTML page of a segmentation folder: "
+                                      "volumes, metrics, three views per case")
+    p.add_argument("-i", "--input", required=True, metavar="SEG_OUTPUT",
+                   help="folder of <case_id>.nii.gz label maps (what `tumorseg segment` wrote)")
+    p.add_argument("-o", "--output", required=True, metavar="HTML", help="report file to write")
+    p.add_argument("--images", metavar="DATASET",
+                   help="the dataset that was segmented: draws the labels on its images and "
+                        "lists its cases that have no label map as failed")
+    p.add_argument("--metrics", metavar="CSV", help="the CSV of `tumorseg evaluate -o`: Dice "
+                                                    "and HD95 per region in the table")
+    p.add_argument("--modality", choices=["flair", "t1c", "t1", "t2"], default="flair",
+                   help="image under the labels (default %(default)s)")
+    p.add_argument("--labels", choices=["brats2013", "brats2017", "brats2023", "msd"],
+                   help="convention of the label maps (default: the one SEG_OUTPUT/labels.ctbl "
+                        "names, else the dataset's, else brats2017)")
+    p.add_argument("--layout", choices=["brats2013", "brats2017", "brats2023", "msd", "nnunet"],
+                   help="layout of --images (default: detected)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_report)
+
+
 # -- demo ------------------------------------------------------------------------------------
 
 def cmd_demo(args) -> int:
@@ -362,6 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-check", action="store_true",
                    help="do not run the written file in onnxruntime against PyTorch")
     p.set_defaults(func=cmd_export)
+
+    _add_report_parser(sub)
 
     p = sub.add_parser("demo", help="the whole pipeline on synthetic cases (a few minutes)")
     p.add_argument("--out", default="tumorseg_demo",
