@@ -14,7 +14,7 @@ from test_segment import OracleModel, _assert_same_file, _phantom_root, oracle
 from tumorseg import datasets, metrics, segment, weights
 from tumorseg.cli import main
 from tumorseg.datasets import find_cases
-from tumorseg.evaluate import evaluate_folder
+from tumorseg.evaluation import evaluate_folder
 from tumorseg.postprocess import PostprocessConfig
 from tumorseg.segment import CaseFailure, SegmentOptions, segment_cases
 

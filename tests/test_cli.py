@@ -172,7 +172,8 @@ def test_segment_explicit_files_and_evaluate_missing_prediction(tmp_path, monkey
     pred = tmp_path / "pred"
     rc = main(["segment", *files, "-o", str(pred), "--no-progress", *SMALL_POST_ARGS])
     assert rc == 0, capsys.readouterr().err
-    assert sorted(p.name for p in pred.iterdir()) == ["e_a.nii.gz", "labels.ctbl", "labels.txt"]
+    assert sorted(p.name for p in pred.iterdir()) == ["e_a.nii.gz", "labels.ctbl", "labels.txt",
+                                                      "volumes.csv"]
     capsys.readouterr()
 
     csv_path = tmp_path / "m.csv"
@@ -185,7 +186,7 @@ def test_segment_explicit_files_and_evaluate_missing_prediction(tmp_path, monkey
     assert "evaluated 2 case(s)" in out and "lesion_dice" in out
     rows = [r.split(",") for r in csv_path.read_text().splitlines()]
     assert rows[0] == ["case_id", "region", "dice", "hd95", "sensitivity", "specificity", "ppv",
-                       "lesion_dice", "lesion_hd95"]
+                       "pred_ml", "ref_ml", "lesion_dice", "lesion_hd95"]
     dice = {(r[0], r[1]): float(r[2]) for r in rows[1:]}
     assert dice[("e_a", "whole")] == 1.0 and dice[("e_b", "whole")] == 0.0
     assert float(np.mean([dice[("e_a", "core")], dice[("e_b", "core")]])) == 0.5

@@ -24,7 +24,7 @@ from PIL import Image
 
 from tumorseg import metrics
 from tumorseg.cli import main
-from tumorseg.evaluate import evaluate_folder
+from tumorseg.evaluation import evaluate_folder
 from tumorseg.html_report import orthogonal_views, write_report
 from tumorseg.io import Volume, write_volume
 from tumorseg.labels import CONVENTIONS

@@ -445,7 +445,8 @@ def test_sigkill_then_continue_equals_uninterrupted_run(tmp_path):
 
     got, want = _files(killed), _files(reference)
     assert sorted(got) == sorted(want)
-    assert len(want) == 3 * len(ids) + 2  # labels, probabilities, png per case; colour tables
+    # labels, probabilities, png per case; colour tables; volumes.csv
+    assert len(want) == 3 * len(ids) + 3
     assert [n for n in got if got[n] != want[n]] == []
     assert [p.name for p in killed.iterdir() if p.name.startswith(".")] == []  # no temporaries
 
@@ -479,3 +480,60 @@ def test_cli_postprocessing_flags_replace_the_models_fields(tmp_path, phantom_sm
     assert got == PostprocessConfig(min_component_mm3=7.0, min_enhancing_mm3=9.0)
     assert _postprocess_config(SegmentOptions(postprocess={"enabled": False}), {}) == \
         PostprocessConfig(enabled=False)
+
+
+def test_volumes_csv_counts_continue_and_parts(tmp_path):
+    """volumes.csv: mL from an independent voxel count on an anisotropic grid; rows kept across
+    --continue and --num-parts runs; a missing row is rebuilt from the label map."""
+    root = tmp_path / "data"
+    for seed in (0, 1, 2):
+        write_phantom(make_phantom((40, 44, 28), spacing=(1.0, 1.5, 2.0), seed=seed), root,
+                      "brats2017", case_id=f"case_{seed}")
+    cases = find_cases(root)
+    model, meta = weights.resolve_model(str(write_tiny_model(tmp_path / "tiny.pt", seed=1)))
+    out = tmp_path / "out"
+    opts = SegmentOptions(postprocess=SMALL_POST)
+    for part in (0, 1):
+        segment_cases((model, meta), cases, out, opts, num_parts=2, part_id=part)
+
+    def table():
+        with open(out / "volumes.csv", newline="") as fh:
+            return {r["case_id"]: r for r in csv.DictReader(fh)}
+
+    rows = table()
+    assert sorted(rows) == ["case_0", "case_1", "case_2"]
+    for cid, row in rows.items():
+        labels = np.asarray(nib.load(str(out / f"{cid}.nii.gz")).dataobj)
+        mm3 = 1.0 * 1.5 * 2.0
+        for region, values in (("whole", (1, 2, 4)), ("core", (1, 4)), ("enhancing", (4,))):
+            expect = np.isin(labels, values).sum() * mm3 / 1000
+            assert float(row[f"{region}_ml"]) == pytest.approx(expect, abs=1e-6)
+        for value in (1, 2, 4):
+            assert int(row[f"voxels_{value}"]) == int((labels == value).sum())
+        assert row["convention"] == "brats2017"
+    # Drop a row: --continue skips the case but writes its row again from the label map.
+    kept = {k: v for k, v in rows.items() if k != "case_1"}
+    with open(out / "volumes.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, list(rows["case_0"]))
+        w.writeheader()
+        w.writerows(kept.values())
+    results, _ = segment_cases((model, meta), cases, out, opts, continue_=True)
+    assert results == [] and table() == rows
+
+
+def test_evaluate_rows_carry_region_volumes(tmp_path):
+    from tumorseg import metrics
+    from tumorseg.labels import get_convention
+
+    rng = np.random.default_rng(0)
+    ref = rng.choice([0, 1, 2, 4], size=(12, 10, 8)).astype(np.uint8)
+    pred = np.where(rng.random(ref.shape) < 0.3, 0, ref).astype(np.uint8)
+    aff = np.diag([0.5, 2.0, 3.0, 1.0])
+    nib.save(nib.Nifti1Image(ref, aff), str(tmp_path / "ref.nii.gz"))
+    nib.save(nib.Nifti1Image(pred, aff), str(tmp_path / "pred.nii.gz"))
+    rows = metrics.evaluate_cases([("c", tmp_path / "pred.nii.gz", tmp_path / "ref.nii.gz")],
+                                  get_convention("brats2017"))
+    for row in rows:
+        values = {"whole": (1, 2, 4), "core": (1, 4), "enhancing": (4,)}[row["region"]]
+        assert row["pred_ml"] == pytest.approx(np.isin(pred, values).sum() * 3.0 / 1000)
+        assert row["ref_ml"] == pytest.approx(np.isin(ref, values).sum() * 3.0 / 1000)

@@ -163,7 +163,7 @@ def cmd_segment(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from tumorseg import metrics
-    from tumorseg.evaluate import evaluate_folder
+    from tumorseg.evaluation import evaluate_folder
 
     rows, problems = evaluate_folder(args.pred, args.ref, layout=args.layout,
                                      labels=_labels_arg(args), lesionwise=args.lesionwise)

@@ -16,7 +16,7 @@ from pathlib import Path
 from tumorseg import metrics
 from tumorseg.datasets import find_cases
 from tumorseg.errors import TumorsegInputError
-from tumorseg.evaluate import evaluate_folder
+from tumorseg.evaluation import evaluate_folder
 from tumorseg.phantom import make_phantom, write_phantom
 from tumorseg.postprocess import PostprocessConfig
 from tumorseg.segment import SegmentOptions, segment_cases

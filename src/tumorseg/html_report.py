@@ -42,7 +42,7 @@ import numpy as np
 from tumorseg import io
 from tumorseg.datasets import MODALITIES, find_cases, load_case
 from tumorseg.errors import TumorsegInputError, one_line
-from tumorseg.evaluate import PREDICTION_SUFFIXES
+from tumorseg.evaluation import PREDICTION_SUFFIXES
 from tumorseg.labels import CONVENTIONS, REGION_NAMES, get_convention
 from tumorseg.metrics import AFFINE_TOLERANCE_MM, label_volumes
 from tumorseg.report import _rgba, _window, convention_colours

@@ -199,6 +199,34 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
+def file_lock(path: str | Path | None) -> Iterator[None]:
+    """Hold an exclusive lock shared by every process that uses `path`: fcntl.flock on the
+    folder itself if `path` is a folder (no file left behind), else on '<path>.lock'. E.g.
+    several `segment --num-parts` processes updating one CSV in their output folder. No lock
+    where it cannot be had (path None, no fcntl on Windows, a read-only folder)."""
+    if path is None:
+        yield
+        return
+    path = Path(path)
+    try:
+        import fcntl
+
+        if path.is_dir():
+            fd = os.open(path, os.O_RDONLY)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path.with_name(path.name + ".lock"), os.O_WRONLY | os.O_CREAT, 0o666)
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+@contextlib.contextmanager
 def atomic_write(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
 

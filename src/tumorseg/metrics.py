@@ -44,6 +44,7 @@ METRIC_NAMES = ("dice", "hd95", "sensitivity", "specificity", "ppv")
 LESION_METRIC_NAMES = ("lesion_dice", "lesion_hd95")
 HD95_ONE_EMPTY = 373.13  # mm, BraTS 2017-2022
 LESION_HD95_MISS = 374.0  # mm, BraTS 2023 lesion-wise penalty
+VOLUME_NAMES = ("pred_ml", "ref_ml")  # the region's volume in the prediction and the reference
 CSV_COLUMNS = ("case_id", "region") + METRIC_NAMES
 
 Spacing = Sequence[float]
@@ -327,8 +328,9 @@ def evaluate_cases(
     pairs: (case_id, prediction label file or None, reference label file); both files hold
     label maps in `convention`'s file values. A None prediction counts as all background and
     its rows carry missing=True. Spacing (mm) comes from the reference header.
-    Returns rows {case_id, region, dice, hd95, sensitivity, specificity, ppv, missing
-    [, lesion_dice, lesion_hd95]}.
+    Returns rows {case_id, region, dice, hd95, sensitivity, specificity, ppv, pred_ml, ref_ml
+    (region volumes in mL from the reference's voxel spacing), missing [, lesion_dice,
+    lesion_hd95]}.
     """
     rows = []
     for case_id, pred_path, ref_path in pairs:
@@ -355,6 +357,9 @@ def evaluate_cases(
             r = convention.region_mask(ref, region)
             row: dict = {"case_id": str(case_id), "region": region}
             row.update(mask_metrics(p, r, spacing))
+            ml = float(np.prod(spacing)) / 1000.0
+            row["pred_ml"] = round(int(np.count_nonzero(p)) * ml, 6)
+            row["ref_ml"] = round(int(np.count_nonzero(r)) * ml, 6)
             row["missing"] = pred_path is None
             if lesionwise:
                 lw = _lesionwise_scores(p, r, spacing)
@@ -410,10 +415,12 @@ def format_summary(summary: dict) -> str:
 
 def write_csv(rows: Sequence[dict], path: str | Path, leading: Sequence[str] = ()) -> Path:
     """Write rows as CSV (`leading` columns, then case_id,region,dice,hd95,sensitivity,
-    specificity,ppv[,lesion_dice,lesion_hd95]) atomically; lesion columns appear when any row
-    has them."""
+    specificity,ppv[,pred_ml,ref_ml][,lesion_dice,lesion_hd95]) atomically; volume and lesion
+    columns appear when any row has them."""
     path = Path(path)
     columns = list(leading) + list(CSV_COLUMNS)
+    if any("pred_ml" in row for row in rows):
+        columns += list(VOLUME_NAMES)
     if any("lesion_dice" in row for row in rows):
         columns += list(LESION_METRIC_NAMES)
     with io.atomic_write(path) as tmp, open(tmp, "w", newline="") as fh:

@@ -29,6 +29,11 @@ Outputs of a case in `out_dir`:
     <case_id>.png                    with overlay=True: report.overlay_png of the slice with the
                                      most tumour (prediction beside the ground truth if known)
 
+and once per folder: labels.txt / labels.ctbl (colour tables) and volumes.csv (one row per case:
+whole / core / enhancing volume in mL and voxels per label value, from the input's voxel
+spacing; updated as each case finishes, atomically and under a lock shared by --num-parts
+processes; a case skipped by --continue keeps its row, or gets one from its label map).
+
 Crash safety: every file is written under a hidden temporary name and renamed into place
 (io.atomic_write), and the label map is written last. So a file under a final name is always
 complete, and an existing label map (with the other requested outputs) means the case is done:
@@ -53,6 +58,7 @@ from tumorseg.errors import TumorsegInputError, one_line
 from tumorseg.geometry import ModelSpace, Transform, to_model_space
 from tumorseg.infer import BATCH_SIZE, predict_labels, resolve_device
 from tumorseg.labels import CLASS_NAMES, get_convention
+from tumorseg.metrics import label_volumes
 from tumorseg import postprocess as pp
 from tumorseg.postprocess import PostprocessConfig
 from tumorseg.models import fastconv
@@ -269,7 +275,8 @@ def segment_case(model: torch.nn.Module, meta: dict, case: Case | Prepared, out_
     "convention", "seconds", "stages" (seconds of read, preprocess, infer, postprocess,
     write), "voxels" ({canonical class name: count} over the whole output volume),
     "postprocess_changed" (voxels post-processing changed), "warnings" (one-line doubts about
-    the input: datasets.input_warnings)}.
+    the input: datasets.input_warnings), "volumes" (metrics.label_volumes: mL per region and
+    voxels per label value, from the input's voxel spacing)}.
     Raises TumorsegInputError for a bad case (one line, naming the file).
     """
     the_case = case.case if isinstance(case, Prepared) else case
@@ -290,8 +297,9 @@ def segment_case(model: torch.nn.Module, meta: dict, case: Case | Prepared, out_
                            else ModelSpace.from_meta(meta).affine(),
                            title=f"model {meta.get('released') or meta.get('model', '?')}")
     counts = np.bincount(output.labels.ravel(), minlength=len(CLASS_NAMES))
+    decoded = conv.decode(output.labels)
     # Last: the label map's existence marks the case done (--continue).
-    io.write_volume(paths["labels"], conv.decode(output.labels), reference)
+    io.write_volume(paths["labels"], decoded, reference)
     stages = {**output.stages, "write": time.perf_counter() - t0}
     return {
         "case_id": the_case.case_id,
@@ -304,6 +312,7 @@ def segment_case(model: torch.nn.Module, meta: dict, case: Case | Prepared, out_
         "voxels": {name: int(n) for name, n in zip(CLASS_NAMES, counts)},
         "postprocess_changed": output.postprocess_changed,
         "warnings": list(prepared.warnings),
+        "volumes": label_volumes(decoded, conv, reference.spacing),
     }
 
 
@@ -340,6 +349,62 @@ def _reference_error(exc: BaseException, case: Case) -> bool:
     outside the convention), which segmentation does not need."""
     return (isinstance(exc, TumorsegInputError) and case.label is not None
             and exc.where == str(case.label))
+
+
+VOLUMES_CSV = "volumes.csv"
+
+
+def record_volumes(out_dir: str | Path, rows: Sequence[dict]) -> Path:
+    """Add or replace these cases' rows in out_dir/volumes.csv (one row per case: case_id,
+    convention, whole_ml, core_ml, enhancing_ml, voxels_<label value>...), keeping the other
+    cases' rows, sorted by case id. Atomic, and under a lock: the processes of a
+    --num-parts split share the file."""
+    import csv
+
+    path = Path(out_dir) / VOLUMES_CSV
+    with io.file_lock(Path(out_dir)):
+        table: dict[str, dict] = {}
+        if path.is_file():
+            with open(path, newline="") as fh:
+                table = {r["case_id"]: r for r in csv.DictReader(fh)}
+        for row in rows:
+            table[str(row["case_id"])] = row
+        lead = ["case_id", "convention", "whole_ml", "core_ml", "enhancing_ml"]
+        voxel_cols = sorted({k for r in table.values() for k in r if k.startswith("voxels_")},
+                            key=lambda k: int(k.split("_")[1]))
+        with io.atomic_write(path) as tmp, open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, lead + voxel_cols, restval="", extrasaction="ignore")
+            writer.writeheader()
+            for cid in sorted(table):
+                writer.writerow(table[cid])
+    return path
+
+
+def _volume_row(case: Case, out_dir: Path, options: SegmentOptions, result: dict | None) -> dict:
+    """The volumes.csv row of a case segmented now (`result`) or earlier (its label map)."""
+    conv = get_convention(options.convention or case.convention)
+    if result is not None:
+        volumes = result["volumes"]
+    else:
+        vol = io.read_volume(output_paths(case, out_dir, **options.outputs())["labels"])
+        volumes = label_volumes(vol.data, conv, vol.spacing)
+    return {"case_id": case.case_id, "convention": conv.name, **volumes}
+
+
+def _ensure_volume_row(case: Case, out_dir: Path, options: SegmentOptions, log) -> None:
+    """A case skipped by --continue keeps (or gets, from its label map) its volumes.csv row."""
+    import csv
+
+    path = out_dir / VOLUMES_CSV
+    if path.is_file():
+        with open(path, newline="") as fh:
+            if any(r.get("case_id") == case.case_id for r in csv.DictReader(fh)):
+                return
+    try:
+        record_volumes(out_dir, [_volume_row(case, out_dir, options, None)])
+    except TumorsegInputError as exc:  # an unreadable earlier output: say so, go on
+        if log:
+            log(f"case {case.case_id}: warning: no volumes ({exc})")
 
 
 def segment_cases(model_spec, cases: Sequence[Case], out_dir: str | Path,
@@ -388,6 +453,7 @@ def segment_cases(model_spec, cases: Sequence[Case], out_dir: str | Path,
         if continue_ and is_complete(case, out_dir, **options.outputs()):
             if log:
                 log(f"case {case.case_id}: output exists, skipped (--continue)")
+            _ensure_volume_row(case, out_dir, options, log)
         elif options.overlay:
             todo.append(case)
         else:  # the ground truth is only drawn in the overlay: not read, so it cannot fail
@@ -426,6 +492,7 @@ def segment_cases(model_spec, cases: Sequence[Case], out_dir: str | Path,
                 current = None
                 fastconv.release_freed_memory()  # one case's high-water mark stays its own
             results.append(result)
+            record_volumes(out_dir, [_volume_row(case, out_dir, options, result)])
             if log:
                 log(f"case {case.case_id}: {result['labels']} ({result['seconds']:.1f} s)")
                 for warning in result["warnings"]:

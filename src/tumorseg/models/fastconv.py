@@ -589,28 +589,13 @@ class Planner:
         except OSError:
             pass  # a read-only home: the plan stays in memory
 
-    @contextlib.contextmanager
     def _file_lock(self):
         """An exclusive lock shared by every process using the plan file, held while a choice
         is measured and saved: processes that start together (a resumed run beside another,
         torchrun ranks) make each choice once and all use it, so their arithmetic is identical."""
-        if self.path is None:
-            yield
-            return
-        try:
-            import fcntl
+        from tumorseg.io import file_lock
 
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fh = open(self.path.with_name(self.path.name + ".lock"), "a")
-        except (ImportError, OSError):  # no fcntl (Windows) or a read-only home: no sharing
-            yield
-            return
-        with fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+        return file_lock(self.path)
 
     def choose(self, key: str, candidates: dict[str, Callable[[], object]]) -> str:
         """The name of the fastest candidate for `key`; the first candidate is the reference and
