@@ -421,8 +421,15 @@ def test_cascade_loads_a_given_first_stage_and_keeps_it_frozen(phantoms, tmp_pat
     cascade = weights(run / "model.pt")
     assert_bitwise_equal(first_stage_of(cascade), weights(first_file),
                          "cascade's first stage vs the given model file")
-    model, _ = ckpt.load_model(run / "model.pt")  # the model file is self-describing
+    model, meta = ckpt.load_model(run / "model.pt")  # the model file is self-describing
     assert model.receptive_field == 53
+    # The grid its cases were cached on, and the post-processing its validation scored.
+    from tumorseg.geometry import ModelSpace
+    from tumorseg.postprocess import PostprocessConfig
+
+    assert ModelSpace.from_meta(meta) == ModelSpace("LPS", (1.0, 1.0, 1.0))
+    assert meta["geometry"] == {"axcodes": "LPS", "spacing": [1.0, 1.0, 1.0]}
+    assert PostprocessConfig.from_meta(meta) == PostprocessConfig()
 
 
 # -- DDP ---------------------------------------------------------------------------------------

@@ -32,11 +32,13 @@ from tumorseg import checkpoint as ckpt
 from tumorseg.augment import AugmentConfig, augment
 from tumorseg.config import to_dict
 from tumorseg.errors import TumorsegInputError
+from tumorseg.geometry import MODEL_SPACE
 from tumorseg.io import atomic_write
 from tumorseg.labels import CANONICAL_REGIONS
 from tumorseg.models import Cascade, build_model, fastconv
 from tumorseg.models.fastconv import EngineOptions
 from tumorseg.models.two_path import TwoPathCNN
+from tumorseg.postprocess import PostprocessConfig
 from tumorseg.preprocess import PreprocessSettings
 from tumorseg.sampling import SAMPLING_MODES, Sampler, SliceData, class_frequencies, prepare
 
@@ -358,7 +360,9 @@ def _train(cfg: TrainConfig, data_root: str | Path, run_dir: str | Path, resume:
     model.to(device)
     meta = ckpt.describe(model, cfg.model, options)
     meta.update(preprocess=cfg.preprocess.to_dict(), convention=sorted(conventions)[0],
-                train_cases=train_ids, val_cases=val_ids, seed=cfg.seed)
+                train_cases=train_ids, val_cases=val_ids, seed=cfg.seed,
+                geometry=MODEL_SPACE.to_dict(),  # the cache's grid: segment maps cases to it
+                postprocess=PostprocessConfig().to_dict())  # what validation scored
     if cfg.model.endswith("cascade"):
         meta["first_stage"] = str(first_path)
         meta["first_preprocess"] = first_meta["preprocess"]  # checked again on every load

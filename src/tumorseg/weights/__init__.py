@@ -94,7 +94,7 @@ def release(model_file: str | Path, name: str, weights_dir: Path | None = None,
     payload = torch.load(model_file, map_location="cpu", weights_only=True)
     keep = ("format", "model", "model_options", "receptive_field", "first_options",
             "first_preprocess", "preprocess", "convention", "train_cases", "val_cases", "seed",
-            "summary")
+            "summary", "geometry", "postprocess")
     out = {k: payload[k] for k in keep if k in payload}
     out["state_dict"] = {k: v.half() if v.is_floating_point() else v
                          for k, v in payload["state_dict"].items()}
