@@ -17,6 +17,7 @@ from tumorseg import metrics
 from tumorseg.datasets import find_cases
 from tumorseg.errors import TumorsegInputError
 from tumorseg.evaluation import evaluate_folder
+from tumorseg.html_report import write_report
 from tumorseg.phantom import make_phantom, write_phantom
 from tumorseg.postprocess import PostprocessConfig
 from tumorseg.segment import SegmentOptions, segment_cases
@@ -84,6 +85,8 @@ def run_demo(out: str | Path = "tumorseg_demo", progress: bool = True, log=print
         rows, _ = evaluate_folder(pred_dir, test)
         tables[label] = metrics.summarize(rows)
         metrics.write_csv(rows, pred_dir / "metrics.csv")
+        write_report(pred_dir, pred_dir / "report.html", images=test,
+                     metrics=pred_dir / "metrics.csv")
 
     log("4/5 evaluation on the held-out synthetic case (Dice / HD95 mm)")
     log(f"    {'model':<26}{'whole':>15}{'core':>15}{'enhancing':>15}")
@@ -96,6 +99,8 @@ def run_demo(out: str | Path = "tumorseg_demo", progress: bool = True, log=print
     log("5/5 on your own data:")
     log("    tumorseg segment -i /path/to/BraTS_folder -o predictions/ --overlay")
     log("    tumorseg evaluate --pred predictions/ --ref /path/to/BraTS_folder -o metrics.csv")
+    log("    tumorseg report -i predictions/ --images /path/to/BraTS_folder --metrics metrics.csv "
+        "-o report.html")
     files = sorted(p for p in out.rglob("*") if p.is_file() and "cache" not in p.parts)
     log(f"files written under {out}/ ({time.time() - t0:.0f} s):")
     for p in files:
@@ -112,6 +117,8 @@ def _how_to_open(p: Path) -> str:
         return "<- overlay: four modalities, prediction, ground truth"
     if p.parent.name.startswith("pred_") and p.name.endswith(".nii.gz"):
         return "<- label map: open over the T1 in ITK-SNAP or 3D Slicer"
+    if p.name == "report.html":
+        return "<- open in a web browser: volumes, metrics, three views per case"
     if p.name == "model.pt":
         return "<- trained model: tumorseg segment --model " + str(p)
     return ""
