@@ -163,3 +163,32 @@ def test_training_cache_is_in_model_space(phantom, tmp_path):
     np.testing.assert_array_equal(a.label, b.label)
     np.testing.assert_array_equal(a.mask, b.mask)
     np.testing.assert_allclose(a.image, b.image, atol=1e-5)
+
+
+@pytest.mark.parametrize("scale, rule", [(0.01, "outside 0.1-10 mm"), (20.0, "outside 0.1-10 mm"),
+                                         (np.nan, "not finite and invertible"),
+                                         (0.0, "not finite and invertible")])
+def test_implausible_voxel_sizes_are_refused(phantom, tmp_path, scale, rule):
+    from tumorseg.datasets import find_cases, load_case
+    from tumorseg.errors import TumorsegInputError
+    from tumorseg.phantom import write_phantom
+
+    folder = write_phantom(phantom, tmp_path / "d", "brats2017")
+    loaded = load_case(find_cases(folder.parent)[0])
+    loaded.reference.affine = loaded.reference.affine @ np.diag([scale, 1.0, 1.0, 1.0])
+    with pytest.raises(TumorsegInputError, match=rule) as err:
+        to_model_space(loaded)
+    assert str(loaded.reference.path) in str(err.value)
+
+
+def test_field_of_view_beyond_a_head_is_refused(phantom, tmp_path):
+    from tumorseg.datasets import find_cases, load_case
+    from tumorseg.errors import TumorsegInputError
+    from tumorseg.phantom import write_phantom
+
+    folder = write_phantom(phantom, tmp_path / "d", "brats2017")
+    loaded = load_case(find_cases(folder.parent)[0])
+    # 56 voxels of 9.5 mm along y: 532 mm, beyond the 512 voxels of a 1 mm model grid.
+    loaded.reference.affine = loaded.reference.affine @ np.diag([9.0, 9.5, 1.0, 1.0])
+    with pytest.raises(TumorsegInputError, match="exceeds 512 per axis"):
+        to_model_space(loaded)

@@ -32,6 +32,11 @@ import numpy as np
 MODEL_AXCODES = "LPS"
 MODEL_SPACING = (1.0, 1.0, 1.0)
 SPACING_TOLERANCE = 0.01  # mm: closer than this to the model's spacing counts as equal
+# Plausible MRI grids: voxels of 0.1-10 mm, a field of view of at most 512 voxels of the model's
+# grid per axis (a head is ~200 mm). Outside that the header is wrong (or it is not a head
+# scan), and resampling could need tens of GB.
+MIN_SPACING, MAX_SPACING = 0.1, 10.0
+MAX_MODEL_SIDE = 512
 
 
 @dataclass(frozen=True)
@@ -197,7 +202,14 @@ def to_model_space(loaded, space: ModelSpace = MODEL_SPACE):
     volume is kept: outputs are written on its grid. Identity on BraTS data (no copy)."""
     import dataclasses
 
-    t = transform_for(loaded.reference.affine, loaded.reference.shape3, space)
+    affine = np.asarray(loaded.reference.affine, np.float64)
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        from tumorseg.errors import TumorsegInputError
+
+        raise TumorsegInputError(loaded.reference.path, "the header's affine is not finite and "
+                                 "invertible: voxel positions are unknown")
+    t = transform_for(affine, loaded.reference.shape3, space)
+    check_grid(t, loaded.reference.path)
     if t.identity:
         return loaded, t
     image = None
@@ -207,3 +219,19 @@ def to_model_space(loaded, space: ModelSpace = MODEL_SPACE):
     label = None if loaded.label is None else t.to_model(loaded.label, order=0)
     spacing = t.model_spacing if t.resamples else t.oriented_spacing
     return dataclasses.replace(loaded, image=image, label=label, spacing=spacing), t
+
+
+def check_grid(t: Transform, path) -> None:
+    """Refuse (TumorsegInputError naming `path`) a grid no MRI head scan has: voxel sizes
+    outside MIN_SPACING-MAX_SPACING mm, or a model-space side over MAX_MODEL_SIDE voxels."""
+    from tumorseg.errors import TumorsegInputError
+
+    spacing = t.oriented_spacing
+    if not all(np.isfinite(spacing)) or min(spacing) < MIN_SPACING or max(spacing) > MAX_SPACING:
+        raise TumorsegInputError(path, "voxel size " + " x ".join(f"{s:.3g}" for s in spacing)
+                                 + f" mm (from the header's affine) is outside {MIN_SPACING}-"
+                                 f"{MAX_SPACING:g} mm: is the header right?")
+    if max(t.model_shape) > MAX_MODEL_SIDE:
+        raise TumorsegInputError(path, f"field of view {t.model_shape} voxels at the model's "
+                                       f"spacing exceeds {MAX_MODEL_SIDE} per axis: not a head "
+                                       "scan, or a wrong header")
