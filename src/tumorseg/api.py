@@ -113,10 +113,9 @@ def segment_case(case: str | Path | Case | Mapping[str, str | Path],
         convention, engine...); default: the CLI's defaults.
     Raises TumorsegInputError (one line naming the file) for bad input.
     """
-    from tumorseg import io
     from tumorseg.labels import get_convention
     from tumorseg.metrics import label_volumes
-    from tumorseg.segment import SegmentOptions, compute_case, prepare_case, segment_case as _seg
+    from tumorseg.segment import SegmentOptions, compute_case, prepare_case, write_case
 
     model = model if isinstance(model, Model) else load_model(model)
     options = options or SegmentOptions()
@@ -124,17 +123,15 @@ def segment_case(case: str | Path | Case | Mapping[str, str | Path],
     conv = get_convention(options.convention or the_case.convention)
     prepared = prepare_case(the_case, model.meta)
     reference = prepared.loaded.reference
-    if out_dir is None:
-        out = compute_case(model.network, model.meta, prepared, options)
-        labels, probs, files = conv.decode(out.labels), out.probabilities, {}
-    else:
-        written = _seg(model.network, model.meta, prepared, out_dir, options)
+    out = compute_case(model.network, model.meta, prepared, options)
+    files = {}
+    if out_dir is not None:
+        written = write_case(model.meta, out, out_dir, options)
         files = {k: written[k] for k in ("labels", "probabilities", "overlay") if written[k]}
-        labels = np.asarray(io.read_volume(written["labels"]).data, np.uint8)
-        probs = (io.read_volume(written["probabilities"], allowed_ndim=(4,)).data
-                 if written["probabilities"] else None)
+    labels = conv.decode(out.labels)
     return Segmentation(the_case.case_id, labels, conv.name, reference.affine,
-                        reference.spacing, probs, label_volumes(labels, conv, reference.spacing),
+                        reference.spacing, out.probabilities,
+                        label_volumes(labels, conv, reference.spacing),
                         list(prepared.warnings), files)
 
 

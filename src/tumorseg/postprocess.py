@@ -71,11 +71,10 @@ class PostprocessConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "PostprocessConfig":
-        """The settings a model file stores; unknown keys are refused."""
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown post-processing setting(s) {sorted(unknown)}")
-        return cls(**d)
+        """The settings a model file stores; unknown keys and wrong types are refused."""
+        from tumorseg.config import from_dict
+
+        return from_dict(cls, d, where="post-processing settings")
 
     @classmethod
     def from_meta(cls, meta: dict) -> "PostprocessConfig":

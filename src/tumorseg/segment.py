@@ -280,9 +280,18 @@ def segment_case(model: torch.nn.Module, meta: dict, case: Case | Prepared, out_
     Raises TumorsegInputError for a bad case (one line, naming the file).
     """
     the_case = case.case if isinstance(case, Prepared) else case
+    get_convention(options.convention or the_case.convention)  # validated before any work
+    output_paths(the_case, out_dir, **options.outputs())
+    return write_case(meta, compute_case(model, meta, case, options), out_dir, options)
+
+
+def write_case(meta: dict, output: CaseOutput, out_dir: str | Path,
+               options: SegmentOptions = SegmentOptions()) -> dict:
+    """Write a computed case's outputs (`compute_case`) into `out_dir`; returns what
+    `segment_case` returns."""
+    the_case = output.prepared.case
     conv = get_convention(options.convention or the_case.convention)
-    paths = output_paths(the_case, out_dir, **options.outputs())  # validated before any work
-    output = compute_case(model, meta, case, options)
+    paths = output_paths(the_case, out_dir, **options.outputs())
     t0 = time.perf_counter()
     _remove_stale_temporaries(paths)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -391,20 +400,28 @@ def _volume_row(case: Case, out_dir: Path, options: SegmentOptions, result: dict
     return {"case_id": case.case_id, "convention": conv.name, **volumes}
 
 
-def _ensure_volume_row(case: Case, out_dir: Path, options: SegmentOptions, log) -> None:
-    """A case skipped by --continue keeps (or gets, from its label map) its volumes.csv row."""
+def _restore_volume_rows(skipped: Sequence[Case], out_dir: Path, options: SegmentOptions,
+                         log) -> None:
+    """Cases skipped by --continue keep their volumes.csv rows; a missing row is computed from
+    the case's label map."""
     import csv
 
     path = out_dir / VOLUMES_CSV
+    have: set[str] = set()
     if path.is_file():
         with open(path, newline="") as fh:
-            if any(r.get("case_id") == case.case_id for r in csv.DictReader(fh)):
-                return
-    try:
-        record_volumes(out_dir, [_volume_row(case, out_dir, options, None)])
-    except TumorsegInputError as exc:  # an unreadable earlier output: say so, go on
-        if log:
-            log(f"case {case.case_id}: warning: no volumes ({exc})")
+            have = {r.get("case_id", "") for r in csv.DictReader(fh)}
+    rows = []
+    for case in skipped:
+        if case.case_id in have:
+            continue
+        try:
+            rows.append(_volume_row(case, out_dir, options, None))
+        except TumorsegInputError as exc:  # an unreadable earlier output: say so, go on
+            if log:
+                log(f"case {case.case_id}: warning: no volumes ({exc})")
+    if rows:
+        record_volumes(out_dir, rows)
 
 
 def segment_cases(model_spec, cases: Sequence[Case], out_dir: str | Path,
@@ -448,16 +465,17 @@ def segment_cases(model_spec, cases: Sequence[Case], out_dir: str | Path,
     for name in sorted({options.convention or c.convention for c in mine}):
         report.write_colour_tables(out_dir, name)
 
-    todo = []
+    todo, skipped = [], []
     for case in mine:
         if continue_ and is_complete(case, out_dir, **options.outputs()):
             if log:
                 log(f"case {case.case_id}: output exists, skipped (--continue)")
-            _ensure_volume_row(case, out_dir, options, log)
+            skipped.append(case)
         elif options.overlay:
             todo.append(case)
         else:  # the ground truth is only drawn in the overlay: not read, so it cannot fail
             todo.append(dataclasses.replace(case, label=None))
+    _restore_volume_rows(skipped, out_dir, options, log)
     results: list[dict] = []
     failures: list[CaseFailure] = []
     pool = ThreadPoolExecutor(1, thread_name_prefix="tumorseg-prefetch") if options.prefetch \
