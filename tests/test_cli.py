@@ -186,7 +186,9 @@ def test_segment_explicit_files_and_evaluate_missing_prediction(tmp_path, monkey
     assert "evaluated 2 case(s)" in out and "lesion_dice" in out
     rows = [r.split(",") for r in csv_path.read_text().splitlines()]
     assert rows[0] == ["case_id", "region", "dice", "hd95", "sensitivity", "specificity", "ppv",
-                       "pred_ml", "ref_ml", "lesion_dice", "lesion_hd95"]
+                       "pred_ml", "ref_ml", "lesion_rules", "lesion_dice", "lesion_hd95",
+                       "lesion_tp", "lesion_fp", "lesion_fn"]
+    assert {r[9] for r in rows[1:]} == {"brats2023"}  # the bare flag's rules
     dice = {(r[0], r[1]): float(r[2]) for r in rows[1:]}
     assert dice[("e_a", "whole")] == 1.0 and dice[("e_b", "whole")] == 0.0
     assert float(np.mean([dice[("e_a", "core")], dice[("e_b", "core")]])) == 0.5

@@ -16,15 +16,15 @@ from scipy import ndimage
 from tumorseg import io
 from tumorseg.errors import TumorsegInputError
 from tumorseg.labels import CONVENTIONS
+from tumorseg.lesionwise import LESION_HD95_MISS
+from tumorseg.lesionwise import brats2023 as lesionwise
 from tumorseg.metrics import (
     HD95_ONE_EMPTY,
-    LESION_HD95_MISS,
     METRIC_NAMES,
     dice,
     evaluate_cases,
     format_summary,
     hd95,
-    lesionwise,
     ppv,
     region_metrics,
     sensitivity,
@@ -270,7 +270,7 @@ def test_evaluate_cases_lesionwise_columns(tmp_path):
     ref = np.zeros((8, 8, 8), np.uint8)
     ref[1:6, 1:6, 1:6] = 2  # 125 voxels of oedema: one lesion above the 50-voxel threshold
     ref_path = _save(tmp_path / "ref.nii.gz", ref)
-    rows = evaluate_cases([("a", ref_path, ref_path)], BRATS2017, lesionwise=True)
+    rows = evaluate_cases([("a", ref_path, ref_path)], BRATS2017, lesionwise="brats2023")
     assert rows[0]["lesion_dice"] == 1.0 and rows[0]["lesion_hd95"] == 0.0
     assert rows[1]["lesion_dice"] == 1.0 and rows[1]["lesion_hd95"] == 0.0  # both empty
 
@@ -430,14 +430,24 @@ def test_write_csv_and_json(tmp_path):
     assert table[1] == ["c0", "whole", "1.0", "1.0", "1.0", "1.0", "1.0"]
     assert len(table) == 1 + len(rows)
     for row in rows:
-        row["lesion_dice"], row["lesion_hd95"] = 0.1, 2.0 / 3.0
-    with open(write_csv(rows, path), newline="") as fh:
-        table = list(csv.reader(fh))
-    assert table[0][-2:] == ["lesion_dice", "lesion_hd95"]
-    assert float(table[1][-1]) == 2.0 / 3.0  # exact round trip
-    assert sorted(p.name for p in path.parent.iterdir()) == ["metrics.csv"]  # no temp files
+        row.update(lesion_rules="panoptica", lesion_dice=0.1, lesion_hd95=2.0 / 3.0,
+                   lesion_tp=1, lesion_fp=0, lesion_fn=2)
     summary = summarize(rows)
     assert json.loads(write_json(summary, tmp_path / "s.json").read_text()) == summary
+    rows[-1]["lesion_dice"], rows[-1]["lesion_hd95"] = math.nan, math.inf
+    with open(write_csv(rows, path), newline="") as fh:
+        table = list(csv.reader(fh))
+    assert table[0][-6:] == ["lesion_rules", "lesion_dice", "lesion_hd95", "lesion_tp",
+                             "lesion_fp", "lesion_fn"]
+    assert table[1][-6:] == ["panoptica", "0.1", repr(2.0 / 3.0), "1", "0", "2"]
+    assert float(table[1][-4]) == 2.0 / 3.0  # exact round trip
+    assert table[-1][-5:-3] == ["nan", "inf"]
+    # NaN (both masks empty under the panoptica rules) is left out of the summary.
+    region = rows[-1]["region"]
+    n_region = sum(r["region"] == region for r in rows)
+    assert summarize(rows)[region]["lesion_dice"]["n"] == n_region - 1
+    assert summarize(rows)[region]["lesion_hd95"]["mean"] == math.inf  # as the package's
+    assert sorted(p.name for p in path.parent.iterdir()) == ["metrics.csv"]  # no temp files
 
 
 # -- real data -----------------------------------------------------------------------------
@@ -461,7 +471,7 @@ def test_real_cases_against_monai(shared_data, tmp_path, case):
     pred[20:26, 20:26, 20:26] = 4
     pred_path = io.write_volume(tmp_path / "pred.nii.gz", pred.astype(np.uint8), ref_vol)
 
-    rows = evaluate_cases([(case, pred_path, ref_path)], BRATS2017, lesionwise=True)
+    rows = evaluate_cases([(case, pred_path, ref_path)], BRATS2017, lesionwise="brats2023")
     for row in rows:
         p = BRATS2017.region_mask(pred, row["region"])
         r = BRATS2017.region_mask(ref, row["region"])

@@ -384,8 +384,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ref", required=True, help="dataset root with the reference label maps")
     p.add_argument("-o", "--output", metavar="CSV", help="per-case metrics CSV")
     p.add_argument("--json", metavar="JSON", help="summary JSON")
-    p.add_argument("--lesionwise", action="store_true",
-                   help="add BraTS 2023 lesion-wise Dice and HD95")
+    p.add_argument("--lesionwise", nargs="?", const="brats2023", choices=("brats2023", "panoptica"),
+                   metavar="RULES",
+                   help="add lesion-wise Dice, HD95 and lesion counts under RULES: brats2023 "
+                        "(the default; the BraTS 2023 reference code: missed and spurious "
+                        "lesions score Dice 0, HD95 374) or panoptica (the organisers' current "
+                        "brats-evaluation package: one-to-one matching, means over matched "
+                        "lesions only)")
     _common_data(p, auto=True)
     p.set_defaults(func=cmd_evaluate)
 

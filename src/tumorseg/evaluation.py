@@ -21,11 +21,12 @@ def prediction_path(pred_dir: Path, case_id: str) -> Path | None:
 
 
 def evaluate_folder(pred_dir: str | Path, ref_root: str | Path, layout: str | None = None,
-                    labels: str | None = None, lesionwise: bool = False
+                    labels: str | None = None, lesionwise: str | None = None
                     ) -> tuple[list[dict], list[tuple[str, str]]]:
     """Metric rows (metrics.evaluate_cases) for every labelled case under `ref_root`.
 
-    Predictions pair with references by case id. A missing or unreadable prediction counts as
+    Predictions pair with references by case id. lesionwise: None or a rule set of
+    tumorseg.lesionwise.RULES ("brats2023", "panoptica") whose lesion-wise scores are added. A missing or unreadable prediction counts as
     empty and is reported; one whose shape or affine differs from its reference is reported and
     not scored; any other failure of a case (a corrupt reference, out of memory, a runtime
     error) is reported and that case not scored, and the others go on (KeyboardInterrupt
@@ -73,7 +74,7 @@ def evaluate_folder(pred_dir: str | Path, ref_root: str | Path, layout: str | No
     return rows, problems
 
 
-def _score_case(case, pred_dir: Path, lesionwise: bool) -> tuple[list[dict], list[tuple[str, str]]]:
+def _score_case(case, pred_dir: Path, lesionwise: str | None) -> tuple[list[dict], list[tuple[str, str]]]:
     """Rows and problems of one case (a bad or missing prediction counts as empty); raises
     GridMismatch, a TumorsegInputError about the reference, or anything unexpected."""
     conv = get_convention(case.convention)
