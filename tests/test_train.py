@@ -343,6 +343,16 @@ def test_run_folder_holds_config_metrics_and_summary(interrupted_runs):
     assert [p["phase"] for p in summary["phases"]] == [1, 2]
     meta = torch.load(run / "model.pt", weights_only=False)
     assert meta["model"] == "two_path" and meta["convention"] == "brats2017"
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_train_prints_a_remaining_time_per_epoch(interrupted_runs):
+    """Each epoch line ends with the run's ETA; the last epoch of the last phase has 0 s left."""
+    log = interrupted_runs["logs"]["termed_resumed"].read_text()
+    etas = [line.rsplit("eta=", 1)[1] for line in log.splitlines() if " eta=" in line]
+    assert etas and etas[-1] == "0s", log[-2000:]
+    first = interrupted_runs["logs"]["killed_resumed"].read_text()  # from phase 1
+    assert any(" eta=" in line and not line.endswith("eta=0s") for line in first.splitlines())
 
 
 # -- two phases and cascades -------------------------------------------------------------------

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from tumorseg import checkpoint as ckpt
 from tumorseg.augment import AugmentConfig, augment
 from tumorseg.config import to_dict
-from tumorseg.errors import TumorsegInputError
+from tumorseg.curves import eta_seconds, format_duration, plot_curves
+from tumorseg.errors import TumorsegInputError, one_line
 from tumorseg.geometry import MODEL_SPACE
 from tumorseg.io import atomic_write
 from tumorseg.labels import CANONICAL_REGIONS
@@ -263,8 +264,9 @@ def train(cfg: TrainConfig, data_root: str | Path, run_dir: str | Path, resume: 
     """Train `cfg.model` on the cases under `data_root`; write everything to `run_dir`.
 
     Writes config.json, metrics.jsonl, checkpoint.pt (atomic, every `checkpoint_every` steps and
-    at each phase end), model.pt (final weights + preprocessing + convention) and summary.json.
-    Layers are computed as `cfg.engine` and `cfg.precision` say (models.fastconv).
+    at each phase end), model.pt (final weights + preprocessing + convention), summary.json and
+    curves.png (redrawn each epoch; tumorseg.curves). Each epoch's log line ends with the run's
+    estimated time left (eta=). Layers are computed as `cfg.engine` and `cfg.precision` say (models.fastconv).
     Returns the summary.
     """
     if device == "auto":
@@ -495,6 +497,7 @@ class _Run:
     progress: bool
     stop: dict  # {"signal": None | signum}, set by the signal handler
     log: Callable[[str], object]
+    rates: list = field(default_factory=lambda: [None, None])  # measured s/step per phase
 
 
 def _lr_at(p: PhaseConfig, epoch: int, step: int) -> float:
@@ -556,7 +559,7 @@ def _run_phase(run: _Run, p: PhaseConfig, p_idx: int, state: dict, saved: dict |
     ckpt_path = run.run_dir / "checkpoint.pt"
     metrics_path = run.run_dir / "metrics.jsonl"
     rf_outputs = p.tile * p.tile
-    phase_start = time.time()
+    phase_start, phase_start_step = time.time(), state["step"]
     interactive = run.progress and sys.stderr.isatty()
 
     while state["epoch"] < p.epochs:
@@ -650,7 +653,12 @@ def _run_phase(run: _Run, p: PhaseConfig, p_idx: int, state: dict, saved: dict |
                 state["bad_epochs"] += 1
         if main_rank:
             _append(metrics_path, row)
-            run.log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+            # this phase's seconds per step so far in this process, validations included
+            run.rates[p_idx] = (time.time() - phase_start) / max(state["step"] - phase_start_step, 1)
+            eta = format_duration(eta_seconds(_steps_left(run, p_idx, state), run.rates))
+            run.log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                             for k, v in row.items()) + f" eta={eta}")
+            _write_curves(metrics_path, run)
         if p.patience and state["bad_epochs"] >= p.patience:
             run.log(f"phase {p_idx + 1}: early stop after epoch {epoch + 1} (no gain for {p.patience} "
                     f"validations)")
@@ -663,6 +671,22 @@ def _run_phase(run: _Run, p: PhaseConfig, p_idx: int, state: dict, saved: dict |
     state["phase_log"].append({"phase": p_idx + 1, "sampling": p.sampling, "epochs": state["epoch"],
                                "steps": state["step"], "best_val_dice_mean": state["best"],
                                "seconds": round(time.time() - phase_start, 1)})
+
+
+def _steps_left(run: _Run, p_idx: int, state: dict) -> list[int]:
+    """Steps still to run in each phase (early stopping may end a phase sooner)."""
+    phases = [run.cfg.phase1, run.cfg.phase2]
+    return [0 if i < p_idx else
+            (ph.epochs * ph.steps_per_epoch - (state["step"] if i == p_idx else 0))
+            for i, ph in enumerate(phases)]
+
+
+def _write_curves(metrics_path: Path, run: _Run) -> None:
+    """curves.png beside metrics.jsonl; a plotting failure costs the picture, not the run."""
+    try:
+        plot_curves(metrics_path, run.run_dir / "curves.png")
+    except Exception as exc:  # noqa: BLE001 - matplotlib missing fonts, a full disk, ...
+        run.log(f"warning: curves.png not written: {one_line(exc)}")
 
 
 def _append(path: Path, row: dict) -> None:
