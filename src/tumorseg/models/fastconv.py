@@ -426,6 +426,25 @@ def _padded(xs: Sequence[torch.Tensor], nh: int, nw: int) -> torch.Tensor:
     return buf
 
 
+def _rfft2_chunked(xs: Sequence[torch.Tensor], nh: int, nw: int) -> torch.Tensor:
+    """rfft2 of the channel concatenation of xs ([B, C_i, H, W] each) zero-padded to (nh, nw):
+    complex [B, C, nh, nw // 2 + 1], a few channels at a time, so that no padded real copy of
+    every channel (as large as the spectrum itself) is alive beside it. Each channel's
+    transform is independent: the same values as one rfft2 of the whole padded input."""
+    b = xs[0].shape[0]
+    out = torch.empty(b, sum(x.shape[1] for x in xs), nh, nw // 2 + 1,
+                      dtype=torch.complex64 if xs[0].dtype == torch.float32 else torch.complex128,
+                      device=xs[0].device)
+    step = max(1, CHUNK_BYTES // (b * nh * nw * xs[0].element_size()))
+    start = 0
+    for x in xs:
+        for c in range(0, x.shape[1], step):
+            part = x[:, c:c + step]
+            out[:, start:start + part.shape[1]] = torch.fft.rfft2(part, s=(nh, nw))
+            start += part.shape[1]
+    return out
+
+
 def conv_fft(x: torch.Tensor | Sequence[torch.Tensor], weight: torch.Tensor,
              bias: torch.Tensor | None) -> torch.Tensor:
     """Valid stride-1 conv2d by FFT: x [B, C, H, W] (or a list of [B, C_i, H, W] to be
@@ -440,7 +459,7 @@ def conv_fft(x: torch.Tensor | Sequence[torch.Tensor], weight: torch.Tensor,
     h, w = xs[0].shape[-2:]
     k, l = weight.shape[-2:]
     nh, nw = fft_size(h), fft_size(w)
-    yf = _contract(torch.fft.rfft2(_padded(xs, nh, nw)), _spectra.get(weight, nh, nw))
+    yf = _contract(_rfft2_chunked(xs, nh, nw), _spectra.get(weight, nh, nw))
     y = _irfft_valid(yf, nh, nw, slice(k - 1, h), slice(l - 1, w))
     return y + bias.view(1, -1, 1, 1) if bias is not None else y.contiguous()
 
