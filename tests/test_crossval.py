@@ -88,3 +88,14 @@ def test_crossval_end_to_end_on_phantoms(tmp_path, capsys):
     tta = json.loads((out / "crossval_tta.json").read_text())
     assert tta["pooled"]["cases"] == 4 and (out / "fold0" / "seg_tta").is_dir()
     assert json.loads((out / "crossval.json").read_text()) == summary  # plain tables untouched
+
+    # A cascade cross-validated on these fold models: "{fold}" in first_stage names each fold's
+    # own TwoPathCNN, so no fold's first stage saw that fold's cases.
+    from tumorseg import checkpoint as ckpt
+    cascade = tmp_path / "cv_cascade"
+    cargs = [a if a != str(out) else str(cascade) for a in args]
+    assert main(cargs + ["model=input_cascade", f"first_stage={out}/fold{{fold}}/model.pt"]) == 0
+    for i in range(2):
+        _, meta = ckpt.load_model(cascade / f"fold{i}" / "model.pt")
+        assert meta["first_stage"] == str(out / f"fold{i}" / "model.pt")
+        assert not (cascade / f"fold{i}" / "first_stage").exists()

@@ -117,8 +117,11 @@ def run_crossval(cfg, data_root: str | Path, out_dir: str | Path, k: int = 4, se
     for i in (range(k) if only is None else only):
         run_dir = out_dir / f"fold{i}"
         train_ids = [c for f in folds[:i] + folds[i + 1:] for c in f]
-        fold_cfg = dataclasses.replace(cfg, data=dataclasses.replace(
-            cfg.data, train=train_ids, val=list(folds[i]), cache_dir=cache))
+        # A cascade's first_stage may name each fold's own TwoPathCNN ("{fold}" -> i), e.g. a
+        # two_path cross-validation's fold models, so that no fold sees its cases through it.
+        fold_cfg = dataclasses.replace(cfg, first_stage=cfg.first_stage.replace("{fold}", str(i)),
+                                       data=dataclasses.replace(cfg.data, train=train_ids,
+                                                                val=list(folds[i]), cache_dir=cache))
         if not (run_dir / "summary.json").exists():
             log(f"fold {i}: training on {len(train_ids)} cases, validating on {folds[i]}")
             train(fold_cfg, data_root, run_dir, resume=(run_dir / "checkpoint.pt").exists(),
