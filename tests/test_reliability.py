@@ -97,3 +97,12 @@ def test_segment_output_naming_a_file_is_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(out) in err[0] and "not a folder" in err[0]
     assert out.read_bytes() == b"not a folder"
+
+
+def test_demo_describes_each_picture_for_what_it_is():
+    from pathlib import Path
+
+    from tumorseg.demo import _how_to_open
+
+    assert "training curves" in _how_to_open(Path("tumorseg_demo/run/curves.png"))
+    assert "overlay" in _how_to_open(Path("tumorseg_demo/pred_released_two_path/demo_heldout.png"))

@@ -113,6 +113,8 @@ def _how_to_open(p: Path) -> str:
         return "<- ITK-SNAP: Segmentation > Import Label Descriptions"
     if p.name == "labels.ctbl":
         return "<- 3D Slicer: colour table for the label maps"
+    if p.name == "curves.png":
+        return "<- training curves: loss per step, validation Dice per epoch"
     if p.suffix == ".png":
         return "<- overlay: four modalities, prediction, ground truth"
     if p.parent.name.startswith("pred_") and p.name.endswith(".nii.gz"):
