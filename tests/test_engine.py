@@ -88,6 +88,18 @@ def test_fft_convolution_equals_conv2d(shape, kernel):
         assert torch.allclose(fastconv.conv_fft(parts, w, b), out, atol=1e-6)
 
 
+def test_chunked_input_spectrum_is_bitwise_the_padded_whole(monkeypatch):
+    """conv_fft's no-grad path transforms a few channels at a time (memory); each channel's
+    rfft2 is independent, so the spectrum must equal one rfft2 of the zero-padded concatenation
+    exactly, also when chunks straddle the list's parts."""
+    x = _rand(2, 37, 19, 23, dtype=torch.float32)
+    xs = list(x.split([16, 21], 1))
+    nh, nw = fastconv.fft_size(19), fastconv.fft_size(23)
+    whole = torch.fft.rfft2(torch.nn.functional.pad(x, (0, nw - 23, 0, nh - 19)))
+    monkeypatch.setattr(fastconv, "CHUNK_BYTES", 5 * 2 * nh * nw * 4)  # 5 channels per chunk
+    assert torch.equal(fastconv._rfft2_chunked(xs, nh, nw), whole)
+
+
 def test_kernel_spectra_follow_the_weight_and_die_with_it():
     import gc
 
