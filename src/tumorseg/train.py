@@ -286,9 +286,6 @@ def train(cfg: TrainConfig, data_root: str | Path, run_dir: str | Path, resume: 
 
 def _train(cfg: TrainConfig, data_root: str | Path, run_dir: str | Path, resume: bool,
            device: str, progress: bool, log) -> dict:
-    from tumorseg.datasets import find_cases
-    from tumorseg.preprocess import cache_path, cached_preprocess, load_preprocessed
-
     t0 = time.time()
     run_dir = Path(run_dir)
     rank, world = _dist_rank_world()
@@ -297,33 +294,105 @@ def _train(cfg: TrainConfig, data_root: str | Path, run_dir: str | Path, resume:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     main_rank = rank == 0
+    ckpt_path = run_dir / "checkpoint.pt"
+    if main_rank:
+        _write_config(cfg, run_dir, resume)
+    first_path = _first_stage(cfg, data_root, run_dir, resume, device, progress, log)
+    first_meta = _first_stage_meta(first_path, cfg.preprocess) if first_path else None
+    train_ids, val_ids, train_cases, val_cases, convention = _load_data(cfg, data_root, run_dir,
+                                                                       main_rank, world, log)
+    torch.manual_seed(cfg.seed)
+    model = _build_model(cfg, first_path)
+    data = prepare(train_cases, model.receptive_field)
+    if cfg.model_options.get("init", "paper") == "paper" and "class_freq" not in cfg.model_options:
+        head = model.output_layer()
+        with torch.no_grad():  # the paper's softmax biases: log of the class frequencies
+            head.bias.copy_(torch.log(torch.tensor(np.maximum(class_frequencies(data), 1e-4), dtype=torch.float32)))
+    model.to(device)
+    meta = ckpt.describe(model, cfg.model, dict(cfg.model_options))
+    meta.update(preprocess=cfg.preprocess.to_dict(), convention=convention,
+                train_cases=train_ids, val_cases=val_ids, seed=cfg.seed,
+                geometry=MODEL_SPACE.to_dict(),  # the cache's grid: segment maps cases to it
+                postprocess=PostprocessConfig().to_dict())  # what validation scored
+    if first_meta is not None:
+        meta["first_stage"] = str(first_path)
+        meta["first_preprocess"] = first_meta["preprocess"]  # checked again on every load
+
+    state = {"phase": 0, "epoch": 0, "step": 0, "best": -1.0, "best_state": None, "bad_epochs": 0,
+             "done": False, "phase_log": [], "loss": None, "last_val": None}
+    saved = None
+    if resume and ckpt_path.exists():
+        saved = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(saved["state_dict"])
+        state.update({k: saved.get(k, v) for k, v in state.items()})
+        log(f"resumed from {ckpt_path}: phase {state['phase'] + 1}, epoch {state['epoch']}, "
+            f"step {state['step']}")
+        if main_rank:
+            _truncate_metrics(run_dir / "metrics.jsonl", state["phase"], state["epoch"], state["step"])
+    run = _Run(cfg, model, data, val_cases, meta, run_dir, device, rank, world, progress,
+               {"signal": None}, log)
+    _run_phases(run, state, saved)
+
+    last = state["last_val"]
+    if last and last["phase"] == 1 and last["step"] == state["step"]:
+        per_case = last["rows"]  # the last epoch's validation scored these very weights
+    else:
+        per_case = validate_cases(model, val_cases, cfg.data.val_slices, device) if val_cases else []
+    summary = {"model": cfg.model, "run_dir": str(run_dir), "train_cases": train_ids,
+               "val_cases": val_ids, "phases": state["phase_log"],
+               "val_dice": _mean_scores(per_case) if per_case else {},
+               "val_dice_per_case": per_case,
+               "seconds": round(time.time() - t0, 1), "model_file": str(run_dir / "model.pt")}
+    if world > 1:  # every rank must end with the same weights; record each rank's digest
+        digests: list = [None] * world
+        torch.distributed.all_gather_object(digests, state_digest(model.state_dict()))
+        summary["rank_state_sha256"] = digests
+    if main_rank:
+        ckpt.save(run_dir / "model.pt", {**meta, "state_dict": model.state_dict(), "summary": summary})
+        with atomic_write(run_dir / "summary.json") as tmp:
+            tmp.write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _write_config(cfg: TrainConfig, run_dir: Path, resume: bool) -> None:
+    """Write RUN_DIR/config.json; refuse a resume with another config, or a fresh run over a
+    checkpoint."""
     resolved = to_dict(cfg)
     ckpt_path, config_path = run_dir / "checkpoint.pt", run_dir / "config.json"
-    if main_rank:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if resume and config_path.exists():
-            if json.loads(config_path.read_text()) != json.loads(json.dumps(resolved)):
-                raise TumorsegInputError(config_path, "--resume with a different config than the run's")
-        elif not resume and ckpt_path.exists():
-            raise TumorsegInputError(ckpt_path, "run folder holds a checkpoint: pass --resume or "
-                                                "choose a new --out")
-        with atomic_write(config_path) as tmp:
-            tmp.write_text(json.dumps(resolved, indent=2))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if resume and config_path.exists():
+        if json.loads(config_path.read_text()) != json.loads(json.dumps(resolved)):
+            raise TumorsegInputError(config_path, "--resume with a different config than the run's")
+    elif not resume and ckpt_path.exists():
+        raise TumorsegInputError(ckpt_path, "run folder holds a checkpoint: pass --resume or "
+                                            "choose a new --out")
+    with atomic_write(config_path) as tmp:
+        tmp.write_text(json.dumps(resolved, indent=2))
 
-    # Cascades: the first stage is a trained TwoPathCNN, loaded or trained here first. Trained
-    # here, it is a two_path run of its own (its config.json, checkpoints and model.pt under
-    # RUN_DIR/first_stage) with this config's data, preprocessing, seed, options and phases.
-    first_path = cfg.first_stage
-    if cfg.model.endswith("cascade") and not first_path:
-        first_cfg = dataclasses.replace(cfg, model="two_path", first_stage="")
-        first_dir = run_dir / "first_stage"
-        train(first_cfg, data_root, first_dir, resume=resume and (first_dir / "checkpoint.pt").exists()
-              or (first_dir / "summary.json").exists(), device=device, progress=progress, log=log)
-        first_path = str(first_dir / "model.pt")
-    if cfg.model.endswith("cascade"):  # refused before any preprocessing
-        first_meta = _first_stage_meta(first_path, cfg.preprocess)
 
-    # Data: find, split, preprocess (cached), load.
+def _first_stage(cfg: TrainConfig, data_root: str | Path, run_dir: Path, resume: bool, device: str,
+                 progress: bool, log) -> str:
+    """A cascade's first-stage model file ("" for other models). Without `cfg.first_stage` it is
+    trained here first, as a two_path run of its own (its config.json, checkpoints and model.pt
+    under RUN_DIR/first_stage) with this config's data, preprocessing, seed, options and phases."""
+    if not cfg.model.endswith("cascade"):
+        return ""
+    if cfg.first_stage:
+        return cfg.first_stage
+    first_cfg = dataclasses.replace(cfg, model="two_path", first_stage="")
+    first_dir = run_dir / "first_stage"
+    train(first_cfg, data_root, first_dir, resume=resume and (first_dir / "checkpoint.pt").exists()
+          or (first_dir / "summary.json").exists(), device=device, progress=progress, log=log)
+    return str(first_dir / "model.pt")
+
+
+def _load_data(cfg: TrainConfig, data_root: str | Path, run_dir: Path, main_rank: bool, world: int,
+               log) -> tuple[list[str], list[str], list, list, str]:
+    """Find and split the cases, preprocess them into the cache (rank 0), load them.
+    -> (train ids, validation ids, train Preprocessed, validation Preprocessed, label convention)."""
+    from tumorseg.datasets import find_cases
+    from tumorseg.preprocess import cache_path, cached_preprocess, load_preprocessed
+
     cases = find_cases(data_root, layout=cfg.data.layout or None, labels=cfg.data.labels or None)
     by_id = {c.case_id: c for c in cases}
     train_ids, val_ids = _split(cfg.data, sorted(by_id), cfg.seed)
@@ -340,58 +409,31 @@ def _train(cfg: TrainConfig, data_root: str | Path, run_dir: str | Path, resume:
     train_cases = [load_preprocessed(cache_path(cache_dir, i)) for i in train_ids]
     val_cases = [load_preprocessed(cache_path(cache_dir, i)) for i in val_ids]
     log(f"train: {len(train_cases)} cases, validation: {len(val_cases)} cases ({', '.join(val_ids)})")
+    return train_ids, val_ids, train_cases, val_cases, sorted(conventions)[0]
 
-    # Model.
-    torch.manual_seed(cfg.seed)
-    options = dict(cfg.model_options)
-    if cfg.model.endswith("cascade"):
-        # loaded (again) after the seed, so that the second stage starts from the same random
-        # weights as in runs before the early check; describe() stores this stage's own config
-        first, _ = ckpt.load_model(first_path)
-        model = build_model(cfg.model, **options)
-        model.first = first  # replaces the placeholder built from the second stage's options
-        model.first.requires_grad_(False)
-    else:
-        model = build_model(cfg.model, **options)
-    rf = model.receptive_field
-    data = prepare(train_cases, rf)
-    if options.get("init", "paper") == "paper" and "class_freq" not in options:
-        head = model.output_layer()
-        with torch.no_grad():  # the paper's softmax biases: log of the class frequencies
-            head.bias.copy_(torch.log(torch.tensor(np.maximum(class_frequencies(data), 1e-4), dtype=torch.float32)))
-    model.to(device)
-    meta = ckpt.describe(model, cfg.model, options)
-    meta.update(preprocess=cfg.preprocess.to_dict(), convention=sorted(conventions)[0],
-                train_cases=train_ids, val_cases=val_ids, seed=cfg.seed,
-                geometry=MODEL_SPACE.to_dict(),  # the cache's grid: segment maps cases to it
-                postprocess=PostprocessConfig().to_dict())  # what validation scored
-    if cfg.model.endswith("cascade"):
-        meta["first_stage"] = str(first_path)
-        meta["first_preprocess"] = first_meta["preprocess"]  # checked again on every load
 
-    state = {"phase": 0, "epoch": 0, "step": 0, "best": -1.0, "best_state": None, "bad_epochs": 0,
-             "done": False, "phase_log": [], "loss": None, "last_val": None}
-    if resume and ckpt_path.exists():
-        saved = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(saved["state_dict"])
-        state.update({k: saved.get(k, v) for k, v in state.items()})
-        log(f"resumed from {ckpt_path}: phase {state['phase'] + 1}, epoch {state['epoch']}, "
-            f"step {state['step']}")
-        if main_rank:
-            _truncate_metrics(run_dir / "metrics.jsonl", state["phase"], state["epoch"], state["step"])
-    else:
-        saved = None
+def _build_model(cfg: TrainConfig, first_path: str) -> torch.nn.Module:
+    """The untrained model (call after seeding); a cascade gets its frozen first stage."""
+    if not first_path:
+        return build_model(cfg.model, **cfg.model_options)
+    # loaded (again) after the seed, so that the second stage starts from the same random
+    # weights as in runs before the early check; describe() stores this stage's own config
+    first, _ = ckpt.load_model(first_path)
+    model = build_model(cfg.model, **cfg.model_options)
+    model.first = first  # replaces the placeholder built from the second stage's options
+    model.first.requires_grad_(False)
+    return model
 
-    stop = {"signal": None}
-    run = _Run(cfg, model, data, val_cases, meta, run_dir, device, rank, world, progress, stop, log)
 
+def _run_phases(run: _Run, state: dict, saved: dict | None) -> None:
+    """Both phases from `state` on, with SIGINT/SIGTERM turned into a checkpoint and Interrupted."""
     def on_signal(signum, _frame):
-        stop["signal"] = signum
+        run.stop["signal"] = signum
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} \
         if threading_main() else {}
     try:
-        phases = [cfg.phase1, cfg.phase2]
+        phases = [run.cfg.phase1, run.cfg.phase2]
         while state["phase"] < len(phases) and not state["done"]:
             p_idx = state["phase"]
             p = phases[p_idx]
@@ -402,31 +444,11 @@ def _train(cfg: TrainConfig, data_root: str | Path, run_dir: str | Path, resume:
                 state.update(phase=p_idx + 1, epoch=0, step=0, best=-1.0, best_state=None, bad_epochs=0)
             else:
                 state["done"] = True
-            if main_rank:
-                _save_checkpoint(ckpt_path, model, None, state, meta)
+            if run.rank == 0:
+                _save_checkpoint(run.run_dir / "checkpoint.pt", run.model, None, state, run.meta)
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-
-    last = state["last_val"]
-    if last and last["phase"] == len(phases) - 1 and last["step"] == state["step"]:
-        per_case = last["rows"]  # the last epoch's validation scored these very weights
-    else:
-        per_case = validate_cases(model, val_cases, cfg.data.val_slices, device) if val_cases else []
-    final = _mean_scores(per_case) if per_case else {}
-    summary = {"model": cfg.model, "run_dir": str(run_dir), "train_cases": train_ids,
-               "val_cases": val_ids, "phases": state["phase_log"], "val_dice": final,
-               "val_dice_per_case": per_case,
-               "seconds": round(time.time() - t0, 1), "model_file": str(run_dir / "model.pt")}
-    if world > 1:  # every rank must end with the same weights; record each rank's digest
-        digests: list = [None] * world
-        torch.distributed.all_gather_object(digests, state_digest(model.state_dict()))
-        summary["rank_state_sha256"] = digests
-    if main_rank:
-        ckpt.save(run_dir / "model.pt", {**meta, "state_dict": model.state_dict(), "summary": summary})
-        with atomic_write(run_dir / "summary.json") as tmp:
-            tmp.write_text(json.dumps(summary, indent=2))
-    return summary
 
 
 def _first_stage_meta(path: str | Path, preprocess: PreprocessSettings) -> dict:
@@ -536,141 +558,184 @@ def soft_dice_loss(logits: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> to
     return 1 - torch.stack(terms).mean()
 
 
-def _run_phase(run: _Run, p: PhaseConfig, p_idx: int, state: dict, saved: dict | None) -> None:
-    from tqdm import tqdm
+@dataclass
+class _Phase:
+    """What the steps and epochs of one phase share."""
 
-    cfg, model, device, world = run.cfg, run.model, run.device, run.world
-    main_rank = run.rank == 0
-    head = model.output_layer()
+    cfg: PhaseConfig
+    index: int  # 0 or 1
+    net: torch.nn.Module  # the model, or its DistributedDataParallel wrapper
+    params: list  # trainable parameters
+    opt: torch.optim.Optimizer
+    sampler: Sampler
+    val_weights: np.ndarray | None  # prior correction of validation probabilities, or None
+    start_time: float
+    start_step: int
+
+
+def _start_phase(run: _Run, p: PhaseConfig, p_idx: int, state: dict, saved: dict | None) -> _Phase:
+    """Freeze all but the phase's trainable layers; optimiser (restored from `saved`), sampler."""
+    model = run.model
     for param in model.parameters():
         param.requires_grad_(False)
-    trainable_module = head if p.output_layer_only else (model.second if isinstance(model, Cascade) else model)
-    trainable_module.requires_grad_(True)
+    trainable = model.output_layer() if p.output_layer_only else \
+        (model.second if isinstance(model, Cascade) else model)
+    trainable.requires_grad_(True)
     params = [q for q in model.parameters() if q.requires_grad]
     opt = _optimizer(p, params)
     if saved is not None and saved.get("optimizer") is not None:
         opt.load_state_dict(saved["optimizer"])
-    net = model
-    if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model)
+    net = torch.nn.parallel.DistributedDataParallel(model) if run.world > 1 else model
     sampler = Sampler(run.data, model.receptive_field, p.tile, p.sampling)
     # Balanced sampling teaches a uniform class prior; validation scores the natural posterior.
     val_weights = prior_correction(sampler.class_freq) if p.sampling == "balanced" else None
-    ckpt_path = run.run_dir / "checkpoint.pt"
-    metrics_path = run.run_dir / "metrics.jsonl"
-    rf_outputs = p.tile * p.tile
-    phase_start, phase_start_step = time.time(), state["step"]
-    interactive = run.progress and sys.stderr.isatty()
+    return _Phase(p, p_idx, net, params, opt, sampler, val_weights, time.time(), state["step"])
 
+
+def _set_train_mode(model: torch.nn.Module, output_layer_only: bool) -> None:
+    model.train()
+    if output_layer_only:  # frozen layers keep their batch-norm statistics
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
+def _step(run: _Run, ph: _Phase, step: int, lr: float, mom: float) -> float:
+    """One optimiser step of the phase (`step` 0-based within it); returns the batch's loss,
+    the same on every rank. Its random draws depend only on (seed, phase, step)."""
+    p, seed = ph.cfg, run.cfg.seed
+    for group in ph.opt.param_groups:
+        group["lr"] = lr
+        if p.optimizer == "sgd":
+            group["momentum"] = mom
+    rng = np.random.default_rng(_step_seed(seed, ph.index, step))
+    torch.manual_seed(int(np.random.SeedSequence(_step_seed(seed, ph.index, step)).generate_state(1)[0]))
+    anchors = ph.sampler.anchors(rng, p.batch_size)
+    labels, weights = ph.sampler.targets(anchors)
+    images = ph.sampler.images(anchors)
+    if run.cfg.augment.enabled:
+        images, labels, weights = augment(images, labels, weights, rng, run.cfg.augment)
+    mine = list(range(run.rank, p.batch_size, run.world))
+    x, y, w = (torch.from_numpy(np.ascontiguousarray(a[mine])).to(run.device)
+               for a in (images, labels, weights))
+    logits = ph.net(x)  # [n, 5, T, T]
+    loss = (F.cross_entropy(logits, y, reduction="none") * w).sum() * run.world
+    if p.loss == "ce_dice":  # per rank's share under torchrun: not the global batch Dice
+        loss = loss + p.dice_weight * soft_dice_loss(logits, y, w)
+    if p.l1 or p.l2:
+        kernels = _kernels(ph.params)
+        loss = loss + p.l1 * sum(k.abs().sum() for k in kernels) \
+            + p.l2 * sum((k * k).sum() for k in kernels)
+    ph.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if p.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(ph.params, p.grad_clip)
+    ph.opt.step()
+    if p.max_norm > 0:
+        with torch.no_grad():
+            for k in _kernels(ph.params):
+                k.copy_(torch.renorm(k, 2, 0, p.max_norm))
+    # Rank r holds world x (its share of the batch-normalised CE) + the regularisers (and its
+    # share's Dice): the mean over ranks is the CE of the whole batch plus the same terms, i.e.
+    # what one process logs, and the loss whose gradient DDP averages.
+    logged = loss.detach().clone()
+    if run.world > 1:
+        torch.distributed.all_reduce(logged)
+    return float(logged) / run.world
+
+
+def _validate_epoch(run: _Run, ph: _Phase, state: dict, row: dict) -> None:
+    """Score the validation cases, add `val_dice_*` to `row`, track the best epoch."""
+    t_val = time.time()
+    rows = validate_cases(run.model, run.val_cases, run.cfg.data.val_slices, run.device, ph.val_weights)
+    scores = _mean_scores(rows)
+    # what the run's final summary would compute again, if these weights are the last
+    state["last_val"] = None if ph.val_weights is not None else \
+        {"phase": ph.index, "step": state["step"], "rows": rows}
+    row.update({f"val_dice_{r}": v for r, v in scores.items()})
+    row["val_seconds"] = round(time.time() - t_val, 1)
+    if scores["mean"] > state["best"]:
+        state["best"], state["bad_epochs"] = scores["mean"], 0
+        if ph.cfg.keep == "best":
+            state["best_state"] = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
+    else:
+        state["bad_epochs"] += 1
+
+
+def _log_epoch(run: _Run, ph: _Phase, state: dict, row: dict) -> None:
+    """Append the epoch's row to metrics.jsonl, print it with the run's ETA, redraw curves.png."""
+    metrics_path = run.run_dir / "metrics.jsonl"
+    _append(metrics_path, row)
+    # this phase's seconds per step so far in this process, validations included
+    run.rates[ph.index] = (time.time() - ph.start_time) / max(state["step"] - ph.start_step, 1)
+    eta = format_duration(eta_seconds(_steps_left(run, ph.index, state), run.rates))
+    run.log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                     for k, v in row.items()) + f" eta={eta}")
+    _write_curves(metrics_path, run)
+
+
+def _run_epoch(run: _Run, ph: _Phase, state: dict) -> dict:
+    """The steps of the current epoch that are not done yet; returns the epoch's metrics row."""
+    from tqdm import tqdm
+
+    p, epoch = ph.cfg, state["epoch"]
+    main_rank = run.rank == 0
+    _, mom = _schedule(p, epoch)
+    _set_train_mode(run.model, p.output_layer_only)
+    bar = tqdm(total=p.steps_per_epoch, initial=state["step"] % p.steps_per_epoch,
+               desc=f"phase {ph.index + 1} epoch {epoch + 1}/{p.epochs}", unit="step",
+               disable=not (run.progress and sys.stderr.isatty() and main_rank), leave=False)
+    t_epoch, n_seen = time.time(), 0
+    lr = _lr_at(p, epoch, max(state["step"] - 1, 0))  # logged if the epoch's steps are all done
+    ckpt_path = run.run_dir / "checkpoint.pt"
+    while state["step"] < (epoch + 1) * p.steps_per_epoch:
+        lr = _lr_at(p, epoch, state["step"])
+        loss_value = state["loss"] = _step(run, ph, state["step"], lr, mom)
+        state["step"] += 1
+        n_seen += p.batch_size * p.tile * p.tile
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.4f}", patches_s=f"{n_seen / (time.time() - t_epoch):.0f}")
+        if main_rank and (state["step"] % 10 == 0 or state["step"] == 1):
+            _append(run.run_dir / "metrics.jsonl", {"phase": ph.index + 1, "epoch": epoch + 1,
+                                                    "step": state["step"], "loss": loss_value,
+                                                    "lr": lr, "momentum": mom})
+        if run.stop["signal"] is not None:
+            if main_rank:
+                _save_checkpoint(ckpt_path, run.model, ph.opt, state, run.meta)
+            raise Interrupted(f"signal {run.stop['signal']}: checkpoint saved to {ckpt_path}; "
+                              f"continue with --resume")
+        if main_rank and run.cfg.checkpoint_every and state["step"] % run.cfg.checkpoint_every == 0:
+            _save_checkpoint(ckpt_path, run.model, ph.opt, state, run.meta)
+    bar.close()
+    state["epoch"] = epoch + 1
+    return {"phase": ph.index + 1, "epoch": epoch + 1, "step": state["step"], "loss": state["loss"],
+            "lr": lr, "patches_per_s": round(n_seen / max(time.time() - t_epoch, 1e-9), 1)}
+
+
+def _run_phase(run: _Run, p: PhaseConfig, p_idx: int, state: dict, saved: dict | None) -> None:
+    """Train phase `p_idx` from `state` (a resumed run's position) to its last epoch or its
+    early stop; checkpoint after every epoch; record the phase in state["phase_log"]."""
+    ph = _start_phase(run, p, p_idx, state, saved)
+    main_rank = run.rank == 0
     while state["epoch"] < p.epochs:
-        epoch = state["epoch"]
-        _, mom = _schedule(p, epoch)
-        model.train()
-        if p.output_layer_only:  # frozen layers keep their batch-norm statistics
-            for m in model.modules():
-                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                    m.eval()
-        bar = tqdm(total=p.steps_per_epoch, initial=state["step"] % p.steps_per_epoch,
-                   desc=f"phase {p_idx + 1} epoch {epoch + 1}/{p.epochs}", unit="step",
-                   disable=not (interactive and main_rank), leave=False)
-        t_epoch, n_seen = time.time(), 0
-        lr = _lr_at(p, epoch, max(state["step"] - 1, 0))  # logged if the epoch's steps are all done
-        while state["step"] < (epoch + 1) * p.steps_per_epoch:
-            step = state["step"]
-            lr = _lr_at(p, epoch, step)
-            for group in opt.param_groups:
-                group["lr"] = lr
-                if p.optimizer == "sgd":
-                    group["momentum"] = mom
-            rng = np.random.default_rng(_step_seed(cfg.seed, p_idx, step))
-            torch.manual_seed(int(np.random.SeedSequence(_step_seed(cfg.seed, p_idx, step)).generate_state(1)[0]))
-            anchors = sampler.anchors(rng, p.batch_size)
-            labels, weights = sampler.targets(anchors)
-            images = sampler.images(anchors)
-            if cfg.augment.enabled:
-                images, labels, weights = augment(images, labels, weights, rng, cfg.augment)
-            mine = list(range(run.rank, p.batch_size, world))
-            x = torch.from_numpy(np.ascontiguousarray(images[mine])).to(device)
-            y = torch.from_numpy(np.ascontiguousarray(labels[mine])).to(device)
-            w = torch.from_numpy(np.ascontiguousarray(weights[mine])).to(device)
-            logits = net(x)  # [n, 5, T, T]
-            loss = (F.cross_entropy(logits, y, reduction="none") * w).sum() * world
-            if p.loss == "ce_dice":  # per rank's share under torchrun: not the global batch Dice
-                loss = loss + p.dice_weight * soft_dice_loss(logits, y, w)
-            if p.l1 or p.l2:
-                kernels = _kernels(params)
-                loss = loss + p.l1 * sum(k.abs().sum() for k in kernels) \
-                    + p.l2 * sum((k * k).sum() for k in kernels)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if p.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, p.grad_clip)
-            opt.step()
-            if p.max_norm > 0:
-                with torch.no_grad():
-                    for k in _kernels(params):
-                        k.copy_(torch.renorm(k, 2, 0, p.max_norm))
-            state["step"] = step + 1
-            n_seen += len(anchors) * rf_outputs
-            # Rank r holds world x (its share of the batch-normalised CE) + the regularisers (and
-            # its share's Dice): the mean over ranks is the CE of the whole batch plus the same
-            # terms, i.e. what one process logs, and the loss whose gradient DDP averages.
-            logged = loss.detach().clone()
-            if world > 1:
-                torch.distributed.all_reduce(logged)
-            loss_value = state["loss"] = float(logged) / world
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}", patches_s=f"{n_seen / (time.time() - t_epoch):.0f}")
-            if main_rank and (state["step"] % 10 == 0 or state["step"] == 1):
-                _append(metrics_path, {"phase": p_idx + 1, "epoch": epoch + 1, "step": state["step"],
-                                       "loss": loss_value, "lr": lr, "momentum": mom})
-            if run.stop["signal"] is not None:
-                if main_rank:
-                    _save_checkpoint(ckpt_path, model, opt, state, run.meta)
-                raise Interrupted(f"signal {run.stop['signal']}: checkpoint saved to {ckpt_path}; "
-                                  f"continue with --resume")
-            if main_rank and cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
-                _save_checkpoint(ckpt_path, model, opt, state, run.meta)
-        bar.close()
-        state["epoch"] = epoch + 1
-        row = {"phase": p_idx + 1, "epoch": epoch + 1, "step": state["step"], "loss": state["loss"],
-               "lr": lr, "patches_per_s": round(n_seen / max(time.time() - t_epoch, 1e-9), 1)}
-        due = state["epoch"] % max(cfg.data.val_every, 1) == 0 or state["epoch"] == p.epochs
+        row = _run_epoch(run, ph, state)
+        due = state["epoch"] % max(run.cfg.data.val_every, 1) == 0 or state["epoch"] == p.epochs
         if run.val_cases and due:
-            t_val = time.time()
-            rows = validate_cases(model, run.val_cases, cfg.data.val_slices, device, val_weights)
-            scores = _mean_scores(rows)
-            # what the run's final summary would compute again, if these weights are the last
-            state["last_val"] = None if val_weights is not None else \
-                {"phase": p_idx, "step": state["step"], "rows": rows}
-            row.update({f"val_dice_{r}": v for r, v in scores.items()})
-            row["val_seconds"] = round(time.time() - t_val, 1)
-            if scores["mean"] > state["best"]:
-                state["best"], state["bad_epochs"] = scores["mean"], 0
-                if p.keep == "best":
-                    state["best_state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            else:
-                state["bad_epochs"] += 1
+            _validate_epoch(run, ph, state, row)
         if main_rank:
-            _append(metrics_path, row)
-            # this phase's seconds per step so far in this process, validations included
-            run.rates[p_idx] = (time.time() - phase_start) / max(state["step"] - phase_start_step, 1)
-            eta = format_duration(eta_seconds(_steps_left(run, p_idx, state), run.rates))
-            run.log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                             for k, v in row.items()) + f" eta={eta}")
-            _write_curves(metrics_path, run)
+            _log_epoch(run, ph, state, row)
         if p.patience and state["bad_epochs"] >= p.patience:
-            run.log(f"phase {p_idx + 1}: early stop after epoch {epoch + 1} (no gain for {p.patience} "
-                    f"validations)")
+            run.log(f"phase {p_idx + 1}: early stop after epoch {state['epoch']} (no gain for "
+                    f"{p.patience} validations)")
             break
         if main_rank:
-            _save_checkpoint(ckpt_path, model, opt, state, run.meta)
+            _save_checkpoint(run.run_dir / "checkpoint.pt", run.model, ph.opt, state, run.meta)
     if state["best_state"] is not None:
-        model.load_state_dict(state["best_state"])  # early stopping keeps the best epoch's weights
+        run.model.load_state_dict(state["best_state"])  # early stopping keeps the best epoch's weights
         state["last_val"] = None
     state["phase_log"].append({"phase": p_idx + 1, "sampling": p.sampling, "epochs": state["epoch"],
                                "steps": state["step"], "best_val_dice_mean": state["best"],
-                               "seconds": round(time.time() - phase_start, 1)})
+                               "seconds": round(time.time() - ph.start_time, 1)})
 
 
 def _steps_left(run: _Run, p_idx: int, state: dict) -> list[int]:
