@@ -116,6 +116,35 @@ def test_kernel_spectra_follow_the_weight_and_die_with_it():
     assert owner not in fastconv._spectra.items  # a later tensor with this id gets no stale entry
 
 
+def test_concat_dropout_is_the_uniform_draw_threshold_in_both_engines():
+    """Each kept element is x / (1 - p) where U[0, 1) < 1 - p (torch.rand from the same seed),
+    others 0; the plain engine's concatenated path is bitwise the same; the gradient is the mask."""
+    from tumorseg.models.layers import ConcatDropout
+
+    p = 0.3
+    xs = [torch.randn(2, c, 17, 19) for c in (64, 160)]
+    layer = ConcatDropout(p).train()
+    torch.manual_seed(5)
+    expected_u = torch.rand(2, 224, 17, 19)
+    whole = torch.cat(xs, 1)
+    expected = torch.where(expected_u < 1 - p, whole * (1 / (1 - p)), torch.zeros(()))
+    outs = {}
+    for mode in ("auto", "plain"):
+        leaves = [x.clone().requires_grad_(True) for x in xs]
+        torch.manual_seed(5)
+        with fastconv.options(mode=mode):
+            parts = layer(leaves)
+        outs[mode] = torch.cat(parts, 1)
+        outs[mode].sum().backward()
+        grad = torch.cat([x.grad for x in leaves], 1)
+        assert torch.equal(grad, (expected_u < 1 - p).float() * (1 / (1 - p)))
+    assert torch.allclose(outs["auto"], expected, rtol=1e-6, atol=0)
+    assert torch.equal(outs["auto"], outs["plain"])
+    kept = (outs["auto"] != 0).float().mean().item()
+    assert abs(kept - (1 - p)) < 0.01  # 192,000 draws: the standard error is 0.001
+    assert layer.eval()(xs)[1] is xs[1]  # evaluation: identity
+
+
 def test_fft_size_is_smooth_and_minimal():
     for n in range(1, 400):
         m = fastconv.fft_size(n)
