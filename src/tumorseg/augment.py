@@ -7,7 +7,12 @@ resumable, see tumorseg.train):
   for every model here (rf odd), so the flipped input still lines up with the flipped targets;
 - intensity: each modality of each tile is scaled by U(1 - scale, 1 + scale) and shifted by
   U(-shift, +shift) (in z-score units), on brain pixels only (preprocessing leaves 0 outside
-  the brain, and zero padding must stay zero to match whole-slice inference).
+  the brain, and zero padding must stay zero to match whole-slice inference);
+- contrast (gamma): before that, each modality's brain pixels of each tile are mapped onto
+  [0, 1] by their own minimum and maximum, raised to the power exp(U(-gamma, gamma)) and mapped
+  back. Unlike scale and shift, this changes a lesion's contrast in standard deviations of the
+  surrounding tissue, which varies between scanners and is low where the model fails
+  (docs/MODEL_CARD.md, scripts/oedema_contrast.py).
 
 Why: the released weights fit their training cases far better than unseen ones
 (../shared/notes/accuracy-diagnosis.md); scanners differ in contrast, and tumours occur in
@@ -28,15 +33,16 @@ class AugmentConfig:
     mirror: bool = False  # random flips along x and y
     scale: float = 0.0  # per modality: multiply by U(1 - scale, 1 + scale)
     shift: float = 0.0  # per modality: add U(-shift, shift), z-score units
+    gamma: float = 0.0  # per modality: brain pixels to the power exp(U(-gamma, gamma)) on [0, 1]
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.scale < 1.0 or self.shift < 0.0:
-            raise ValueError(f"augment: need 0 <= scale < 1 and shift >= 0, got scale={self.scale}, "
-                             f"shift={self.shift}")
+        if not 0.0 <= self.scale < 1.0 or self.shift < 0.0 or self.gamma < 0.0:
+            raise ValueError(f"augment: need 0 <= scale < 1, shift >= 0 and gamma >= 0, got "
+                             f"scale={self.scale}, shift={self.shift}, gamma={self.gamma}")
 
     @property
     def enabled(self) -> bool:
-        return self.mirror or self.scale > 0 or self.shift > 0
+        return self.mirror or self.scale > 0 or self.shift > 0 or self.gamma > 0
 
 
 def augment(images: np.ndarray, labels: np.ndarray, weights: np.ndarray, rng: np.random.Generator,
@@ -51,11 +57,17 @@ def augment(images: np.ndarray, labels: np.ndarray, weights: np.ndarray, rng: np
     flips = rng.random((n, 2)) < 0.5
     scales = rng.uniform(1.0 - cfg.scale, 1.0 + cfg.scale, (n, c)).astype(np.float32)
     shifts = rng.uniform(-cfg.shift, cfg.shift, (n, c)).astype(np.float32)
+    gammas = np.exp(rng.uniform(-cfg.gamma, cfg.gamma, (n, c)))  # drawn last: older runs keep theirs
     for i in range(n):
-        if cfg.scale > 0 or cfg.shift > 0:
+        if cfg.scale > 0 or cfg.shift > 0 or cfg.gamma > 0:
             brain = np.any(images[i] != 0, axis=0)
             for ch in range(c):
-                images[i, ch][brain] = images[i, ch][brain] * scales[i, ch] + shifts[i, ch]
+                v = images[i, ch][brain]
+                if cfg.gamma > 0 and v.size:
+                    lo, hi = v.min(), v.max()
+                    if hi > lo:
+                        v = ((v - lo) / (hi - lo)) ** gammas[i, ch] * (hi - lo) + lo
+                images[i, ch][brain] = v * scales[i, ch] + shifts[i, ch]
         if cfg.mirror:
             for axis in (0, 1):
                 if flips[i, axis]:
