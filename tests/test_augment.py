@@ -53,39 +53,39 @@ def test_intensity_changes_brain_pixels_only_within_bounds():
     assert np.all((scales >= 0.8) & (scales <= 1.2)) and np.abs(shifts).max() <= 0.3
 
 
-def test_gamma_maps_each_modality_by_its_own_range_then_scales():
+def test_knee_compresses_values_above_one_then_scales():
     images, labels, weights = _batch()
+    images *= 2  # values well above the knee
     original = images.copy()
-    cfg = AugmentConfig(scale=0.2, shift=0.3, gamma=0.5)
+    cfg = AugmentConfig(scale=0.2, shift=0.3, knee=0.6)
     out, _, _ = augment(images, labels, weights, np.random.default_rng(4), cfg)
     rng = np.random.default_rng(4)
     rng.random((len(images), 2))
     scales = rng.uniform(0.8, 1.2, (len(images), 4)).astype(np.float32)
     shifts = rng.uniform(-0.3, 0.3, (len(images), 4)).astype(np.float32)
-    gammas = np.exp(rng.uniform(-0.5, 0.5, (len(images), 4)))
-    assert np.all((gammas >= np.exp(-0.5)) & (gammas <= np.exp(0.5)))
+    slopes = rng.uniform(0.4, 1.0, (len(images), 4)).astype(np.float32)
+    assert slopes.min() < 0.6  # some strong compressions in this draw
     assert out[:, :, :2, :].max() == 0 and out[:, :, :2, :].min() == 0
     for i in range(len(images)):
         for ch in range(4):
             v = original[i, ch, 2:, :].astype(np.float64)
-            lo, hi = v.min(), v.max()
-            expected = (((v - lo) / (hi - lo)) ** gammas[i, ch] * (hi - lo) + lo) * scales[i, ch] + shifts[i, ch]
+            kneed = np.array([x if x <= 1 else 1 + (x - 1) * slopes[i, ch] for x in v.ravel()])
+            expected = kneed.reshape(v.shape) * scales[i, ch] + shifts[i, ch]
             np.testing.assert_allclose(out[i, ch, 2:, :], expected, rtol=1e-5, atol=1e-5)
-            # monotone: the order of brain pixels' intensities is kept
-            order = np.argsort(v, axis=None, kind="stable")
+            order = np.argsort(v, axis=None, kind="stable")  # monotone: the order is kept
             assert np.all(np.diff(out[i, ch, 2:, :].ravel()[order]) >= -1e-6)
 
 
-def test_gamma_draws_come_last_so_older_recipes_keep_their_batches():
-    """Flips, scales and shifts are the generator's first draws with or without gamma, so a
-    recipe without gamma trains on the batches it trained on before gamma existed."""
+def test_knee_draws_come_last_so_older_recipes_keep_their_batches():
+    """Flips, scales and shifts are the generator's first draws with or without knee, so a
+    recipe without knee trains on the batches it trained on before knee existed."""
     plain = augment(*_batch(), np.random.default_rng(9), AugmentConfig(mirror=True, scale=0.1))
-    with_gamma = augment(*_batch(), np.random.default_rng(9), AugmentConfig(mirror=True, scale=0.1,
-                                                                             gamma=0.3))
-    np.testing.assert_array_equal(with_gamma[1], plain[1])  # the same flips
-    np.testing.assert_array_equal(with_gamma[2], plain[2])
-    assert not np.array_equal(with_gamma[0], plain[0])
-    assert AugmentConfig(gamma=0.1).enabled
+    with_knee = augment(*_batch(), np.random.default_rng(9), AugmentConfig(mirror=True, scale=0.1,
+                                                                            knee=0.5))
+    np.testing.assert_array_equal(with_knee[1], plain[1])  # the same flips
+    np.testing.assert_array_equal(with_knee[2], plain[2])
+    assert not np.array_equal(with_knee[0], plain[0])
+    assert AugmentConfig(knee=0.1).enabled
 
 
 def test_same_generator_same_batch_and_off_is_identity():
@@ -99,7 +99,7 @@ def test_same_generator_same_batch_and_off_is_identity():
     assert not AugmentConfig().enabled and AugmentConfig(shift=0.1).enabled
 
 
-@pytest.mark.parametrize("kw", [{"scale": 1.0}, {"scale": -0.1}, {"shift": -1.0}, {"gamma": -0.2}])
+@pytest.mark.parametrize("kw", [{"scale": 1.0}, {"scale": -0.1}, {"shift": -1.0}, {"knee": -0.2}, {"knee": 1.0}])
 def test_bad_settings_are_refused(kw):
     with pytest.raises(ValueError, match="augment"):
         AugmentConfig(**kw)
