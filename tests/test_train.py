@@ -576,17 +576,20 @@ def test_tiny_training_beats_the_untrained_model_on_real_cases(shared_data, tmp_
 
 
 def test_engine_losses_equal_the_plain_path(phantoms, tmp_path):
-    """A seeded run of the tiny config (dropout, SGD with momentum, gradient clipping; tiles of
-    24, batches of 4): the losses the run logs in its first 50 steps equal those of the plain
-    path (direct fp32 convolutions, as before the engine) within 1e-3 relative."""
+    """A seeded 50-step run of the released two_path recipe (AdamW with warm-up, dropout,
+    augmentation, CE + soft Dice, gradient clipping; tiles of 48, batches of 4): the losses it
+    logs equal those of the plain path (direct fp32 convolutions, as before the engine) within
+    1e-3 relative (measured: under 1e-6).
+
+    Not the tiny config: its SGD at lr 5e-3 with momentum 0.9 amplifies the engines' fp32
+    rounding differences (7e-8 at step 1) to 2e-6 by step 10 and 6e-3 by step 30."""
     root, cache = phantoms
     losses = {}
     for engine in ("plain", "auto"):
-        extra = ["threads=2", 'data.val=["ph2"]', "data.val_slices=2",
-                 f'data.cache_dir="{cache}"', "phase1.epochs=1", "phase1.steps_per_epoch=50",
-                 "phase2.epochs=0", 'model_options={init = "default", dropout = 0.3}',
+        extra = ['data.val=["ph2"]', "data.val_slices=2", f'data.cache_dir="{cache}"',
+                 "phase1.epochs=1", "phase1.steps_per_epoch=50", "phase2.epochs=0",
                  f'engine="{engine}"']
-        run_train(root, tmp_path / engine, extra)
+        run_train(root, tmp_path / engine, extra, config=REPO / "configs" / "release_two_path.toml")
         rows = [json.loads(line) for line in (tmp_path / engine / "metrics.jsonl").open()]
         losses[engine] = np.array([r["loss"] for r in rows if "loss" in r and r["step"] <= 50])
     assert len(losses["plain"]) >= 5 and len(losses["auto"]) == len(losses["plain"])
