@@ -116,6 +116,42 @@ def test_kernel_spectra_follow_the_weight_and_die_with_it():
     assert owner not in fastconv._spectra.items  # a later tensor with this id gets no stale entry
 
 
+def test_a_smaller_grid_reuses_the_spectrum_memory_and_gives_the_same_values():
+    x = _rand(2, 7, 40, 36, dtype=torch.float32)
+    w = _rand(4, 7, 11, 11, dtype=torch.float32, seed=1)
+    small = x[..., :25, :21]
+    fastconv.release_spectra()
+    with torch.no_grad():
+        fresh = fastconv.conv_fft(small, w, None)  # its spectrum in memory of its own
+        fastconv.conv_fft(x, w, None)  # the larger grid replaces it
+        large = fastconv._spectra.items[id(w)][2]
+        reused = fastconv.conv_fft(small, w, None)
+        spectrum = fastconv._spectra.items[id(w)][2]
+    assert spectrum.data_ptr() == large.data_ptr()  # written into the larger one's memory
+    assert spectrum.shape == (fastconv.fft_size(25) * (fastconv.fft_size(21) // 2 + 1), 14, 4)
+    assert torch.equal(reused, fresh)
+    assert torch.allclose(reused, F.conv2d(small, w), atol=1e-4)
+    fastconv.release_spectra()
+
+
+def test_maxout_without_autograd_equals_amax_and_numpy_huge_pages_are_off():
+    z = _rand(2, 6, 7, 9, dtype=torch.float32)
+    z[:, 1] = z[:, 0]  # ties
+    with torch.no_grad():
+        assert torch.equal(fastconv.maxout(z, 2), z.view(2, 3, 2, 7, 9).amax(2))
+        assert torch.equal(fastconv.maxout(z, 3), z.view(2, 2, 3, 7, 9).amax(2))
+    try:
+        from numpy._core.multiarray import _set_madvise_hugepage
+    except ImportError:
+        from numpy.core.multiarray import _set_madvise_hugepage
+    before = _set_madvise_hugepage(True)
+    try:
+        fastconv.reuse_freed_memory()
+        assert _set_madvise_hugepage(before) is False  # returns the setting it replaces
+    finally:
+        _set_madvise_hugepage(before)
+
+
 def test_concat_dropout_is_the_uniform_draw_threshold_in_both_engines():
     """Each kept element is x / (1 - p) where U[0, 1) < 1 - p (torch.rand from the same seed),
     others 0; the plain engine's concatenated path is bitwise the same; the gradient is the mask."""

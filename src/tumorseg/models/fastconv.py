@@ -51,6 +51,7 @@ PRECISIONS = ("fp32", "bf16")
 FFT_MIN_KERNEL = 7  # smaller kernels: the direct convolution always wins (O(k^2) vs O(log N))
 PLAN_VERSION = 3  # bump when candidates or keys change: old plans are then ignored
 MARGIN = 0.2  # a candidate must be 20% faster than the reference (direct / NCHW) to be chosen
+CLEAR = 3.0  # a candidate this many times slower than the fastest after one run is not rerun
 
 
 @dataclass(frozen=True)
@@ -152,10 +153,17 @@ def reuse_freed_memory() -> bool:
     about 0.1 s per 100 MB tensor in a virtual machine, a third of whole-brain inference time.
     With M_MMAP_MAX = 0 and no trimming, freed blocks stay in the heap and are reused; the
     process's RSS then stays at its peak. Process-wide; segmentation and training call it.
+
+    It also stops numpy from asking for transparent huge pages (its default for arrays of
+    4 MB and more): in the virtual machines measured, the first touch of memory cost about
+    3.3 ms per MB with huge pages against 0.8 ms with 4 kB pages (a 512 MB array: 1.7 vs
+    0.4 s), which made reading a BraTS case 1.2 s instead of 0.7 s in a new process.
     Returns False where it is not glibc (nothing changes).
     """
     import ctypes
     import ctypes.util
+
+    _numpy_huge_pages(False)
 
     if platform.system() != "Linux":
         return False
@@ -168,6 +176,19 @@ def reuse_freed_memory() -> bool:
         return ok
     except (OSError, AttributeError):
         return False
+
+
+def _numpy_huge_pages(enable: bool) -> None:
+    """numpy's madvise(MADV_HUGEPAGE) of large arrays on or off (a private numpy switch;
+    nothing happens where it is missing)."""
+    try:
+        from numpy._core.multiarray import _set_madvise_hugepage
+    except ImportError:
+        try:
+            from numpy.core.multiarray import _set_madvise_hugepage
+        except ImportError:
+            return
+    _set_madvise_hugepage(enable)
 
 
 def _needs_grad(*tensors: torch.Tensor | None) -> bool:
@@ -238,22 +259,27 @@ def _icols(b: torch.Tensor) -> torch.Tensor:
 
 
 def _cmatmul(a: torch.Tensor, b_icols: torch.Tensor) -> torch.Tensor:
-    """a @ b for each frequency: a complex [F, n, m] (any strides; copied once into a contiguous
-    buffer: copies into strided destinations run 3x slower), b as `_icols(b)` [F, 2m, p] ->
-    complex [F, n, p]. Pass `a` without keeping a reference to it, so that it can be freed."""
-    a = a.clone(memory_format=torch.contiguous_format)  # private: multiplied by i in place
-    return _cmatmul_private(a, b_icols)
-
-
-def _cmatmul_private(a: torch.Tensor, b_icols: torch.Tensor) -> torch.Tensor:
-    """`_cmatmul` of a contiguous complex [F, n, m] that may be overwritten."""
+    """a @ b for each frequency: a complex [F, n, m] (any strides), b as `_icols(b)` [F, 2m, p]
+    -> complex [F, n, p]. Pass `a` without keeping a reference to it, so that it can be freed."""
     f, n, m = a.shape
-    re = torch.bmm(torch.view_as_real(a).view(f, n, 2 * m), b_icols)
-    neg_im = torch.bmm(torch.view_as_real(a.mul_(1j)).view(f, n, 2 * m), b_icols)
-    return torch.complex(re, neg_im.neg_())
+    rows = a.new_empty(f, 2 * n, m)
+    rows[:, :n] = a
+    return _cmatmul_stacked(rows, b_icols)
 
 
-def _kernel_icols(weight: torch.Tensor, nh: int, nw: int) -> torch.Tensor:
+def _cmatmul_stacked(rows: torch.Tensor, b_icols: torch.Tensor) -> torch.Tensor:
+    """`_cmatmul` of a = rows[:, :n], given a contiguous complex buffer rows [F, 2n, m] whose
+    second half it overwrites with i*a: one real bmm of the stacked rows then reads b, the
+    large operand (a kernel spectrum), once instead of twice."""
+    f, n2, m = rows.shape
+    n = n2 // 2
+    torch.mul(rows[:, :n], 1j, out=rows[:, n:])  # exact: (x + iy) i = -y + ix
+    out = torch.bmm(torch.view_as_real(rows).view(f, n2, 2 * m), b_icols)  # [F, 2n, p]
+    return torch.complex(out[:, :n], out[:, n:].neg())
+
+
+def _kernel_icols(weight: torch.Tensor, nh: int, nw: int, storage: torch.Tensor | None = None
+                  ) -> torch.Tensor:
     """`_icols` of the rfft2 of the flipped kernel on an nh x nw grid: real [nh*nf, 2C, O].
 
     weight [O, C, k, l]. A real transform along the k rows, then the DFT along the k nonzero
@@ -275,8 +301,20 @@ def _kernel_icols(weight: torch.Tensor, nh: int, nw: int) -> torch.Tensor:
     torch.neg(im, out=rhs[k:, :, :, 0])
     torch.neg(im, out=rhs[:k, :, :, 1])
     torch.neg(re, out=rhs[k:, :, :, 1])
-    out = dft @ rhs.reshape(2 * k, nf * c * 2 * o)  # [nh, nf * C * 2 * O]
+    rhs = rhs.reshape(2 * k, nf * c * 2 * o)
+    if storage is not None and storage.numel() >= nh * rhs.shape[1]:
+        # Written into a previous spectrum's memory: no fresh pages to fault in per grid.
+        out = storage.view(-1)[:nh * rhs.shape[1]].view(nh, rhs.shape[1])
+        torch.matmul(dft, rhs, out=out)
+    else:
+        out = dft @ rhs  # [nh, nf * C * 2 * O]
     return out.view(nh * nf, 2 * c, o)
+
+
+def _icols_numel(weight: torch.Tensor, nh: int, nw: int) -> int:
+    """Elements of `_kernel_icols(weight, nh, nw)`."""
+    o, c = weight.shape[:2]
+    return nh * (nw // 2 + 1) * 2 * c * o
 
 
 class _SpectrumCache:
@@ -297,11 +335,17 @@ class _SpectrumCache:
         with self.lock:
             held = self.items.get(id(weight))
             if held is None or held[0]() is not weight or held[1] != key:
-                self.items.pop(id(weight), None)  # free before computing: bounds the peak
+                # The weight's previous spectrum: its memory takes the new one if large enough
+                # (boxes come largest first), else it is freed before computing (the peak).
+                old = self.items.pop(id(weight), None)
+                storage = old[2] if old is not None and old[0]() is weight else None
+                del old
                 owner = id(weight)
                 ref = weakref.ref(weight, lambda _, owner=owner: self._drop(owner))
+                if storage is not None and storage.numel() < _icols_numel(weight, nh, nw):
+                    storage = None
                 with _own_mapping():
-                    held = self.items[owner] = (ref, key, _kernel_icols(weight, nh, nw))
+                    held = self.items[owner] = (ref, key, _kernel_icols(weight, nh, nw, storage))
             return held[2]
 
     def _drop(self, owner: int) -> None:
@@ -406,9 +450,11 @@ def _contract(xspec: torch.Tensor, k_icols: torch.Tensor) -> torch.Tensor:
     out = torch.empty(nh * nf, b, k_icols.shape[-1], dtype=xspec.dtype, device=xspec.device)
     step = max(1, CHUNK_BYTES // (nf * b * c * xspec.element_size()))
     for r in range(0, nh, step):
-        rows = xspec[:, :, r:r + step].permute(2, 3, 0, 1).contiguous().view(-1, b, c)
-        f = slice(r * nf, r * nf + rows.shape[0])
-        out[f] = _cmatmul_private(rows, k_icols[f])
+        part = xspec[:, :, r:r + step]
+        count = part.shape[2] * nf
+        rows = xspec.new_empty(count, 2 * b, c)
+        rows[:, :b].view(part.shape[2], nf, b, c).copy_(part.permute(2, 3, 0, 1))
+        out[r * nf:r * nf + count] = _cmatmul_stacked(rows, k_icols[r * nf:r * nf + count])
     return out
 
 
@@ -521,8 +567,10 @@ def maxout(z: torch.Tensor, pieces: int) -> torch.Tensor:
     being piece k of map c; the gradient of a tie is split evenly (as amax's)."""
     b, ck, h, w = z.shape
     z = z.view(b, ck // pieces, pieces, h, w)
-    if pieces == 2 and current().mode != "plain" and _needs_grad(z):
-        return _Maxout2Fn.apply(z)
+    if pieces == 2 and current().mode != "plain":
+        if _needs_grad(z):
+            return _Maxout2Fn.apply(z)
+        return torch.maximum(*z.unbind(2))  # amax would first fill its output with -inf
     return z.amax(dim=2)
 
 
@@ -620,7 +668,8 @@ class Planner:
         """The name of the fastest candidate for `key`; the first candidate is the reference and
         another must beat it by MARGIN to be chosen (timing noise must not flip choices). Each
         runs twice, the faster run counting (the first may pay oneDNN's primitive creation and
-        FFT planning), the first time a key is seen, on a
+        FFT planning), unless its first run was CLEAR times the fastest's (the 21 x 21 output
+        layer's direct convolution: about 6x the FFT's), the first time a key is seen, on a
         probe (`_probe_input`), so that a first run on a new machine costs well under a second."""
         with self.lock:
             self._load()
@@ -631,13 +680,12 @@ class Planner:
                 self._load(again=True)  # another process may have chosen meanwhile
                 if key in self.choices and self.choices[key] in candidates:
                     return self.choices[key]
-            times = {}
+            times = {name: _seconds(run) for name, run in candidates.items()}
             for name, run in candidates.items():
-                times[name] = float("inf")
-                for _ in range(2):  # the best of two: first-call setup or a busy moment can't decide
-                    t0 = time.perf_counter()
-                    run()
-                    times[name] = min(times[name], time.perf_counter() - t0)
+                # The best of two runs (first-call setup or a busy moment must not decide),
+                # except for a candidate CLEAR times slower than the fastest: that one lost.
+                if times[name] <= CLEAR * min(times.values()):
+                    times[name] = min(times[name], _seconds(run))
             reference = next(iter(times))
             best = min(times, key=times.get)
             if times[best] > times[reference] * (1 - MARGIN):
@@ -647,6 +695,12 @@ class Planner:
                 self.timings[key] = {n: round(t, 5) for n, t in times.items()}
                 self._save()
         return best
+
+
+def _seconds(run: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    run()
+    return time.perf_counter() - t0
 
 
 def cpu_name() -> str:
