@@ -23,7 +23,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -116,6 +117,26 @@ class _Hit:
     case_id: str
     role: str | int  # modality, "seg", "image4d" (msd) or channel index (nnunet)
     path: Path
+
+
+def files_case(t1: str | Path, t1c: str | Path, t2: str | Path, flair: str | Path,
+               convention: str | None = None, case_id: str | None = None) -> Case:
+    """A Case from four explicit 3-D files (layout "files"; convention default brats2017).
+
+    The case id is the part of the file names the four share, cut at a '_', '-' or '.' (e.g.
+    Brats18_2013_11_1 for Brats18_2013_11_1_{t1,t1ce,t2,flair}.nii.gz), else the T1 file name.
+    """
+    images = {"t1": Path(t1), "t1c": Path(t1c), "t2": Path(t2), "flair": Path(flair)}
+    if case_id is None:
+        stems = []
+        for p in images.values():
+            suffix = volume_suffix(p)
+            stems.append(p.name[: -len(suffix)] if suffix else p.stem)
+        prefix = os.path.commonprefix(stems)
+        if prefix not in stems:  # cut a partial token: "X_t" of X_t1, X_t1ce, X_t2 -> "X"
+            prefix = prefix[: max(prefix.rfind(c) for c in "_-.") + 1]
+        case_id = prefix.rstrip("_-. ") or stems[0]
+    return Case(case_id, "files", convention or "brats2017", images)
 
 
 def _brats2013_role(name: str) -> str | None:
@@ -400,6 +421,22 @@ def _channel_order(path: Path) -> dict[str, int]:
     return order
 
 
+_read_ahead: list[tuple[Case, Future]] = []  # at most one case being read in the background
+_read_ahead_lock = threading.Lock()
+
+
+def read_ahead(case: Case) -> None:
+    """Start reading `case` in a background thread: the next `load_case` of an equal case
+    takes that result (or its error) instead of reading again. The CLI calls it before it
+    imports torch, so that decompressing the images (zlib, which releases the GIL) overlaps
+    the import. One case at a time: a later call replaces an unclaimed one."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix="tumorseg-read-ahead")
+    future = pool.submit(_load_case, case)
+    pool.shutdown(wait=False)
+    with _read_ahead_lock:
+        _read_ahead[:] = [(case, future)]
+
+
 def load_case(case: Case) -> LoadedCase:
     """Read and validate one case; see LoadedCase for shapes and units.
 
@@ -407,6 +444,14 @@ def load_case(case: Case) -> LoadedCase:
     shapes or affines that differ between files, NaN/Inf, an all-zero modality, a label map of
     another shape or with values outside the case's convention, unreadable files.
     """
+    with _read_ahead_lock:
+        claimed = [f for c, f in _read_ahead if c == case]
+        if claimed:
+            _read_ahead.clear()
+    return claimed[0].result() if claimed else _load_case(case)
+
+
+def _load_case(case: Case) -> LoadedCase:
     if case.channels:
         path = case.images[MODALITIES[0]]
         vol = read_volume(path, allowed_ndim=(3, 4))

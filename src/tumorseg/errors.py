@@ -19,6 +19,10 @@ class TumorsegInputError(ValueError):
         super().__init__(" ".join(message.split()))  # always one line
 
 
+class Interrupted(Exception):
+    """Training stopped on SIGINT/SIGTERM after saving a checkpoint (exit code 130)."""
+
+
 def one_line(exc: BaseException) -> str:
     """`exc` as one line for a per-case report: a TumorsegInputError's own message; any other
     exception (out of memory, a bug) prefixed with its type, e.g. "MemoryError" or

@@ -53,7 +53,8 @@ import numpy as np
 import torch
 
 from tumorseg import io, report
-from tumorseg.datasets import Case, LoadedCase, input_warnings, load_case
+from tumorseg.datasets import (Case, LoadedCase, files_case,  # noqa: F401 (re-exported)
+                               input_warnings, load_case)
 from tumorseg.errors import TumorsegInputError, one_line
 from tumorseg.geometry import ModelSpace, Transform, to_model_space
 from tumorseg.infer import BATCH_SIZE, predict_labels, resolve_device
@@ -519,25 +520,3 @@ def segment_cases(model_spec, cases: Sequence[Case], out_dir: str | Path,
         if pool:
             pool.shutdown(wait=True, cancel_futures=True)
     return results, failures
-
-
-def files_case(t1: str | Path, t1c: str | Path, t2: str | Path, flair: str | Path,
-               convention: str | None = None, case_id: str | None = None) -> Case:
-    """A Case from four explicit 3-D files (layout "files"; convention default brats2017).
-
-    The case id is the part of the file names the four share, cut at a '_', '-' or '.' (e.g.
-    Brats18_2013_11_1 for Brats18_2013_11_1_{t1,t1ce,t2,flair}.nii.gz), else the T1 file name.
-    """
-    import os
-
-    images = {"t1": Path(t1), "t1c": Path(t1c), "t2": Path(t2), "flair": Path(flair)}
-    if case_id is None:
-        stems = []
-        for p in images.values():
-            suffix = io.volume_suffix(p)
-            stems.append(p.name[: -len(suffix)] if suffix else p.stem)
-        prefix = os.path.commonprefix(stems)
-        if prefix not in stems:  # cut a partial token: "X_t" of X_t1, X_t1ce, X_t2 -> "X"
-            prefix = prefix[: max(prefix.rfind(c) for c in "_-.") + 1]
-        case_id = prefix.rstrip("_-. ") or stems[0]
-    return Case(case_id, "files", convention or "brats2017", images)

@@ -32,7 +32,7 @@ from tumorseg import checkpoint as ckpt
 from tumorseg.augment import AugmentConfig, augment
 from tumorseg.config import to_dict
 from tumorseg.curves import eta_seconds, format_duration, plot_curves
-from tumorseg.errors import TumorsegInputError, one_line
+from tumorseg.errors import Interrupted, TumorsegInputError, one_line  # noqa: F401 (re-exported)
 from tumorseg.geometry import MODEL_SPACE
 from tumorseg.io import atomic_write
 from tumorseg.labels import CANONICAL_REGIONS
@@ -122,10 +122,6 @@ class TrainConfig:
 
     def __post_init__(self):
         EngineOptions(mode=self.engine, precision=self.precision)  # raises ValueError if bad
-
-
-class Interrupted(Exception):
-    """SIGINT/SIGTERM arrived; a checkpoint was saved."""
 
 
 # -- distributed -------------------------------------------------------------------------------
