@@ -99,7 +99,46 @@ def test_same_generator_same_batch_and_off_is_identity():
     assert not AugmentConfig().enabled and AugmentConfig(shift=0.1).enabled
 
 
-@pytest.mark.parametrize("kw", [{"scale": 1.0}, {"scale": -0.1}, {"shift": -1.0}, {"knee": -0.2}, {"knee": 1.0}])
+@pytest.mark.parametrize("kw", [{"scale": 1.0}, {"scale": -0.1}, {"shift": -1.0}, {"knee": -0.2}, {"knee": 1.0},
+                                {"oedema": 1.0}, {"oedema": -0.1}])
 def test_bad_settings_are_refused(kw):
     with pytest.raises(ValueError, match="augment"):
         AugmentConfig(**kw)
+
+
+def test_oedema_fades_towards_the_healthy_brain_mean_in_half_the_tiles():
+    images, labels, weights = _batch(n=40)
+    rng = np.random.default_rng(4)
+    window = rng.integers(0, 3, (40, T + RF - 1, T + RF - 1))  # other, necrosis, oedema
+    original = images.copy()
+    out, lab, w = augment(images, labels.copy(), weights.copy(), np.random.default_rng(11),
+                          AugmentConfig(oedema=0.6), window)
+    np.testing.assert_array_equal(lab, labels)
+    draws = np.random.default_rng(11)
+    draws.random((40, 2))
+    for _ in range(3):  # scales, shifts, slopes
+        draws.uniform(0, 1, (40, 4))
+    faint = draws.random(40) < 0.5
+    factors = draws.uniform(0.4, 1.0, (40, 4))
+    assert 0 < faint.sum() < 40
+    for i in range(40):
+        brain = np.any(original[i] != 0, axis=0)
+        oedema, healthy = window[i] == 2, (window[i] == 0) & brain
+        expected = original[i].copy()
+        if faint[i]:
+            for ch in range(4):
+                m = original[i, ch][healthy].mean()
+                expected[ch][oedema] = m + (original[i, ch][oedema] - m) * factors[i, ch]
+        np.testing.assert_allclose(out[i], expected, rtol=1e-5, atol=1e-6)
+    assert np.all((factors >= 0.4) & (factors <= 1.0)) and AugmentConfig(oedema=0.1).enabled
+
+
+def test_oedema_fading_needs_window_labels_and_leaves_earlier_draws_alone():
+    with pytest.raises(ValueError, match="input windows"):
+        augment(*_batch(), np.random.default_rng(0), AugmentConfig(oedema=0.5))
+    plain = augment(*_batch(), np.random.default_rng(9), AugmentConfig(mirror=True, scale=0.1))
+    window = np.zeros((6, T + RF - 1, T + RF - 1), np.int64)  # no oedema: nothing fades
+    faded = augment(*_batch(), np.random.default_rng(9),
+                    AugmentConfig(mirror=True, scale=0.1, oedema=0.5), window)
+    for x, y in zip(faded, plain):
+        np.testing.assert_array_equal(x, y)

@@ -203,3 +203,18 @@ def test_slice_weighted_balances_classes_within_each_tile_and_tiles_equally():
 
 def test_weights_are_zero_when_nothing_is_valid():
     assert not class_weights(LABELS, np.zeros_like(VALID), "balanced").any()
+
+
+@pytest.mark.parametrize("tile", [1, 8])
+def test_window_labels_are_the_labels_under_each_input_window(cases, data, tile):
+    """Checked against the labels zero-padded like the images and cut like them."""
+    sampler = Sampler(data, RF, tile, "balanced")
+    before, after = dense_padding(RF)
+    size = tile + RF - 1
+    anchors = sampler.anchors(np.random.default_rng(5), 200)
+    windows = sampler.window_labels(anchors)
+    assert windows.shape == (200, size, size)
+    for i, (case, z, x0, y0) in enumerate(anchors):
+        padded = np.pad(cases[case].label[:, :, z], ((before, after + size), (before, after + size)))
+        np.testing.assert_array_equal(windows[i], padded[x0:x0 + size, y0:y0 + size])
+    assert (windows == 2).any()  # the windows do reach the oedema block

@@ -13,6 +13,10 @@ resumable, see tumorseg.train):
   changes a bright lesion's contrast in standard deviations of the surrounding tissue: the
   oedema the model misses is 0.9-1.9 SD above normal brain in FLAIR, against 2-5 SD in the
   cases it segments well (docs/MODEL_CARD.md, scripts/oedema_contrast.py).
+- oedema contrast: first of all, in half of the tiles (drawn per tile), each modality's oedema
+  pixels (reference class 2, on the whole input window) are pulled towards the mean of the
+  window's tumour-free brain, v -> m + (v - m) * U(1 - oedema, 1). Unlike knee, it touches only
+  the tissue whose faint appearance the model misses, so bright healthy structures keep theirs.
 
 Why: the released weights fit their training cases far better than unseen ones
 (../shared/notes/accuracy-diagnosis.md); scanners differ in contrast, and tumours occur in
@@ -26,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 
+OEDEMA = 2  # canonical class (tumorseg.labels)
 KNEE = np.float32(1.0)  # z-score units: about the top sixth of normal brain lies above it
 
 
@@ -37,31 +42,42 @@ class AugmentConfig:
     scale: float = 0.0  # per modality: multiply by U(1 - scale, 1 + scale)
     shift: float = 0.0  # per modality: add U(-shift, shift), z-score units
     knee: float = 0.0  # per modality: values above KNEE compressed by a factor U(1 - knee, 1)
+    oedema: float = 0.0  # per modality, half the tiles: oedema contrast x U(1 - oedema, 1)
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.scale < 1.0 or self.shift < 0.0 or not 0.0 <= self.knee < 1.0:
-            raise ValueError(f"augment: need 0 <= scale < 1, shift >= 0 and 0 <= knee < 1, got "
-                             f"scale={self.scale}, shift={self.shift}, knee={self.knee}")
+        if not 0.0 <= self.scale < 1.0 or self.shift < 0.0 or not 0.0 <= self.knee < 1.0 \
+                or not 0.0 <= self.oedema < 1.0:
+            raise ValueError(f"augment: need 0 <= scale < 1, shift >= 0, 0 <= knee < 1 and "
+                             f"0 <= oedema < 1, got scale={self.scale}, shift={self.shift}, "
+                             f"knee={self.knee}, oedema={self.oedema}")
 
     @property
     def enabled(self) -> bool:
-        return self.mirror or self.scale > 0 or self.shift > 0 or self.knee > 0
+        return self.mirror or self.scale > 0 or self.shift > 0 or self.knee > 0 or self.oedema > 0
 
 
 def augment(images: np.ndarray, labels: np.ndarray, weights: np.ndarray, rng: np.random.Generator,
-            cfg: AugmentConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            cfg: AugmentConfig, window_labels: np.ndarray | None = None
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Augment a batch of tiles in place and return it.
 
-    images: [N, C, T + rf - 1, T + rf - 1] float32; labels, weights: [N, T, T]. The draws are
-    made for all N tiles in a fixed order whatever `cfg` enables, so a rank that keeps a subset
-    of the batch afterwards sees the same tiles as a single process.
+    images: [N, C, T + rf - 1, T + rf - 1] float32; labels, weights: [N, T, T]; window_labels:
+    [N, T + rf - 1, T + rf - 1] canonical classes on the input window, needed by `cfg.oedema`.
+    The draws are made for all N tiles in a fixed order whatever `cfg` enables, so a rank that
+    keeps a subset of the batch afterwards sees the same tiles as a single process.
     """
+    if cfg.oedema > 0 and window_labels is None:
+        raise ValueError("augment: oedema contrast needs the labels of the input windows")
     n, c = images.shape[:2]
     flips = rng.random((n, 2)) < 0.5
     scales = rng.uniform(1.0 - cfg.scale, 1.0 + cfg.scale, (n, c)).astype(np.float32)
     shifts = rng.uniform(-cfg.shift, cfg.shift, (n, c)).astype(np.float32)
-    slopes = rng.uniform(1.0 - cfg.knee, 1.0, (n, c)).astype(np.float32)  # last: older runs keep theirs
+    slopes = rng.uniform(1.0 - cfg.knee, 1.0, (n, c)).astype(np.float32)  # after: older runs keep theirs
+    faint = rng.random(n) < 0.5
+    factors = rng.uniform(1.0 - cfg.oedema, 1.0, (n, c)).astype(np.float32)
     for i in range(n):
+        if cfg.oedema > 0 and faint[i]:
+            _fade_oedema(images[i], window_labels[i], factors[i])
         if cfg.scale > 0 or cfg.shift > 0 or cfg.knee > 0:
             brain = np.any(images[i] != 0, axis=0)
             for ch in range(c):
@@ -76,3 +92,15 @@ def augment(images: np.ndarray, labels: np.ndarray, weights: np.ndarray, rng: np
                     labels[i] = np.flip(labels[i], axis)
                     weights[i] = np.flip(weights[i], axis)
     return images, labels, weights
+
+
+def _fade_oedema(image: np.ndarray, window_labels: np.ndarray, factors: np.ndarray) -> None:
+    """[C, S, S] in place: oedema (class 2) pulled towards the tumour-free brain mean by `factors`
+    [C]; a window without both is left alone."""
+    oedema = window_labels == OEDEMA
+    healthy = (window_labels == 0) & np.any(image != 0, axis=0)
+    if not oedema.any() or not healthy.any():
+        return
+    for ch in range(image.shape[0]):
+        m = image[ch][healthy].mean()
+        image[ch][oedema] = m + (image[ch][oedema] - m) * factors[ch]

@@ -121,6 +121,18 @@ class Sampler:
         return out
 
 
+    def window_labels(self, anchors) -> np.ndarray:
+        """Labels [N, T + rf - 1, T + rf - 1] on the input windows of `anchors` (0 on padding)."""
+        size, before = self.tile + self.rf - 1, self.data.pad[0]
+        out = np.zeros((len(anchors), size, size), np.int64)
+        for i, (case, z, x0, y0) in enumerate(anchors):
+            lab = self.data.labels[case][z]
+            xs, ys = x0 - before, y0 - before  # the window's corner in unpadded coordinates
+            win = lab[max(xs, 0):xs + size, max(ys, 0):ys + size]
+            out[i, max(-xs, 0):max(-xs, 0) + win.shape[0], max(-ys, 0):max(-ys, 0) + win.shape[1]] = win
+        return out
+
+
 def class_frequencies(data: SliceData) -> np.ndarray:
     """[5] fraction of brain voxels of each canonical class over all training cases."""
     total = sum(np.bincount(lab[msk], minlength=N_CLASSES) for lab, msk in zip(data.labels, data.masks))

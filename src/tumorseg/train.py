@@ -610,7 +610,8 @@ def _step(run: _Run, ph: _Phase, step: int, lr: float, mom: float) -> float:
     labels, weights = ph.sampler.targets(anchors)
     images = ph.sampler.images(anchors)
     if run.cfg.augment.enabled:
-        images, labels, weights = augment(images, labels, weights, rng, run.cfg.augment)
+        window = ph.sampler.window_labels(anchors) if run.cfg.augment.oedema > 0 else None
+        images, labels, weights = augment(images, labels, weights, rng, run.cfg.augment, window)
     mine = list(range(run.rank, p.batch_size, run.world))
     x, y, w = (torch.from_numpy(np.ascontiguousarray(a[mine])).to(run.device)
                for a in (images, labels, weights))
