@@ -313,6 +313,24 @@ def test_resume_with_a_different_config_is_refused(interrupted_runs, phantoms):
               log=lambda *a: None)
 
 
+def test_a_run_from_before_a_new_option_resumes_and_a_changed_value_is_still_refused(tmp_path):
+    """config.json written before `augment.oedema` existed lacks the key; its default (off)
+    is what that run trained with, so --resume accepts it. A value that differs is refused."""
+    from tumorseg.errors import TumorsegInputError
+    from tumorseg.train import _write_config
+
+    cfg = load_config(TrainConfig, TINY, [])
+    old = json.loads(json.dumps(to_dict(cfg)))
+    del old["augment"]["oedema"]
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    _write_config(cfg, tmp_path, resume=True)  # accepted, and rewritten with every key
+    assert json.loads((tmp_path / "config.json").read_text()) == json.loads(json.dumps(to_dict(cfg)))
+    for changed in ({"oedema": 0.5}, {"bogus": 1}):
+        (tmp_path / "config.json").write_text(json.dumps({**old, "augment": {**old["augment"], **changed}}))
+        with pytest.raises(TumorsegInputError, match="different config"):
+            _write_config(cfg, tmp_path, resume=True)
+
+
 # -- run folder: config, metrics, summary ------------------------------------------------------
 
 def test_run_folder_holds_config_metrics_and_summary(interrupted_runs):

@@ -357,13 +357,25 @@ def _write_config(cfg: TrainConfig, run_dir: Path, resume: bool) -> None:
     ckpt_path, config_path = run_dir / "checkpoint.pt", run_dir / "config.json"
     run_dir.mkdir(parents=True, exist_ok=True)
     if resume and config_path.exists():
-        if json.loads(config_path.read_text()) != json.loads(json.dumps(resolved)):
+        if not _same_config(json.loads(config_path.read_text()), resolved):
             raise TumorsegInputError(config_path, "--resume with a different config than the run's")
     elif not resume and ckpt_path.exists():
         raise TumorsegInputError(ckpt_path, "run folder holds a checkpoint: pass --resume or "
                                             "choose a new --out")
     with atomic_write(config_path) as tmp:
         tmp.write_text(json.dumps(resolved, indent=2))
+
+
+def _same_config(saved: dict, resolved: dict) -> bool:
+    """Whether a run folder's config.json describes `resolved`. Keys the saved file lacks take
+    their defaults, so a run started before a new option existed (off by default) resumes."""
+    from tumorseg.config import from_dict
+
+    try:
+        saved = to_dict(from_dict(TrainConfig, saved))
+    except (TumorsegInputError, ValueError, TypeError):
+        pass  # unknown keys or bad values: compared as written, hence different
+    return json.loads(json.dumps(saved)) == json.loads(json.dumps(resolved))
 
 
 def _first_stage(cfg: TrainConfig, data_root: str | Path, run_dir: Path, resume: bool, device: str,
