@@ -123,13 +123,14 @@ def test_oedema_fades_towards_the_healthy_brain_mean_in_half_the_tiles():
     assert 0 < faint.sum() < 40
     for i in range(40):
         brain = np.any(original[i] != 0, axis=0)
-        oedema, healthy = window[i] == 2, (window[i] == 0) & brain
+        oedema, healthy = (window[i] == 2) & brain, (window[i] == 0) & brain
         expected = original[i].copy()
         if faint[i]:
             for ch in range(4):
                 m = original[i, ch][healthy].mean()
                 expected[ch][oedema] = m + (original[i, ch][oedema] - m) * factors[i, ch]
         np.testing.assert_allclose(out[i], expected, rtol=1e-5, atol=1e-6)
+    assert np.all(out[:, :, :2, :] == 0)  # oedema labels outside the brain fade nothing there
     assert np.all((factors >= 0.4) & (factors <= 1.0)) and AugmentConfig(oedema=0.1).enabled
 
 

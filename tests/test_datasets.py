@@ -321,3 +321,38 @@ def test_input_warnings_name_unstripped_and_misregistered_input(tmp_path):
 
     (msg,) = input_warnings(_loaded_phantom(tmp_path / "b", shifted_flair))
     assert "flair overlaps T1's poorly" in msg
+
+
+def test_read_ahead_is_claimed_once_with_huge_pages_off_and_can_be_discarded(written, monkeypatch):
+    """load_case takes the background read of an equal case (one read, the same arrays); a
+    discarded or claimed read-ahead is not reused; numpy's huge pages are off before it reads."""
+    import threading
+
+    import tumorseg.datasets as ds
+
+    try:
+        from numpy._core.multiarray import _set_madvise_hugepage
+    except ImportError:
+        from numpy.core.multiarray import _set_madvise_hugepage
+    before = _set_madvise_hugepage(True)
+    reads = []
+    real = ds._load_case
+    monkeypatch.setattr(ds, "_load_case", lambda case: reads.append(case.case_id) or real(case))
+    try:
+        (case,) = find_cases(written["brats2017"])
+        ds.read_ahead(case)
+        assert _set_madvise_hugepage(True) is False  # read_ahead switched them off
+        first = ds.load_case(case)
+        second = ds.load_case(case)  # claimed already: read again
+        assert reads == [case.case_id, case.case_id]
+        np.testing.assert_array_equal(first.image, second.image)
+        ds.read_ahead(case)
+        ds.discard_read_ahead()
+        ds.load_case(case)
+        for thread in threading.enumerate():
+            if thread.name.startswith("tumorseg-read-ahead"):
+                thread.join()
+        assert len(reads) == 4  # the discarded read ran, and load_case read anew
+    finally:
+        _set_madvise_hugepage(before)
+        ds.discard_read_ahead()

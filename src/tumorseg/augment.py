@@ -97,8 +97,9 @@ def augment(images: np.ndarray, labels: np.ndarray, weights: np.ndarray, rng: np
 def _fade_oedema(image: np.ndarray, window_labels: np.ndarray, factors: np.ndarray) -> None:
     """[C, S, S] in place: oedema (class 2) pulled towards the tumour-free brain mean by `factors`
     [C]; a window without both is left alone."""
-    oedema = window_labels == OEDEMA
-    healthy = (window_labels == 0) & np.any(image != 0, axis=0)
+    brain = np.any(image != 0, axis=0)  # zero outside the brain must stay zero
+    oedema = (window_labels == OEDEMA) & brain
+    healthy = (window_labels == 0) & brain
     if not oedema.any() or not healthy.any():
         return
     for ch in range(image.shape[0]):

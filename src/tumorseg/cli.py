@@ -108,7 +108,7 @@ def _labels_arg(args) -> str | None:
 def cmd_segment(args) -> int:
     import dataclasses
 
-    from tumorseg.datasets import files_case, find_cases, read_ahead
+    from tumorseg.datasets import discard_read_ahead, files_case, find_cases, read_ahead
 
     labels = _labels_arg(args)
     files = {m: getattr(args, m) for m in ("t1", "t1c", "t2", "flair")}
@@ -150,9 +150,12 @@ def cmd_segment(args) -> int:
         overlay=args.overlay, output_format=args.output_format, batch_size=args.batch_size,
         device=args.device, precision=args.precision, engine=args.engine,
         progress=_progress(args), tta=args.tta)
-    results, failures = segment_cases(
-        args.model, cases, args.output, options, continue_=args.continue_,
-        num_parts=args.num_parts, part_id=args.part_id, log=print)
+    try:
+        results, failures = segment_cases(
+            args.model, cases, args.output, options, continue_=args.continue_,
+            num_parts=args.num_parts, part_id=args.part_id, log=print)
+    finally:  # a model or output error before the first read leaves the read-ahead unclaimed
+        discard_read_ahead()
     if args.part_id == 0:  # cases find_cases rejected belong to no part: part 0 reports them
         failures = [CaseFailure(str(cid), str(err)) for cid, err in errors] + failures
     if single and failures:  # bad input is 2, as for any single file; anything else 1

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from tumorseg.errors import TumorsegInputError
-from tumorseg.io import NIFTI_SUFFIXES, Volume, read_volume, volume_suffix
+from tumorseg.io import NIFTI_SUFFIXES, Volume, numpy_huge_pages, read_volume, volume_suffix
 from tumorseg.labels import get_convention
 
 MODALITIES = ("t1", "t1c", "t2", "flair")  # the package-wide channel order
@@ -429,12 +429,21 @@ def read_ahead(case: Case) -> None:
     """Start reading `case` in a background thread: the next `load_case` of an equal case
     takes that result (or its error) instead of reading again. The CLI calls it before it
     imports torch, so that decompressing the images (zlib, which releases the GIL) overlaps
-    the import. One case at a time: a later call replaces an unclaimed one."""
+    the import. One case at a time: a later call replaces an unclaimed one. Like
+    segmentation, it turns numpy's huge pages off first (tumorseg.io.numpy_huge_pages), or
+    this first read would pay their slow first touch."""
+    numpy_huge_pages(False)
     pool = ThreadPoolExecutor(1, thread_name_prefix="tumorseg-read-ahead")
     future = pool.submit(_load_case, case)
     pool.shutdown(wait=False)
     with _read_ahead_lock:
         _read_ahead[:] = [(case, future)]
+
+
+def discard_read_ahead() -> None:
+    """Forget an unclaimed read-ahead (a command that failed before reading its case)."""
+    with _read_ahead_lock:
+        _read_ahead.clear()
 
 
 def load_case(case: Case) -> LoadedCase:

@@ -46,6 +46,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from tumorseg.io import numpy_huge_pages
+
 MODES = ("auto", "plain")
 PRECISIONS = ("fp32", "bf16")
 FFT_MIN_KERNEL = 7  # smaller kernels: the direct convolution always wins (O(k^2) vs O(log N))
@@ -163,7 +165,7 @@ def reuse_freed_memory() -> bool:
     import ctypes
     import ctypes.util
 
-    _numpy_huge_pages(False)
+    numpy_huge_pages(False)
 
     if platform.system() != "Linux":
         return False
@@ -176,19 +178,6 @@ def reuse_freed_memory() -> bool:
         return ok
     except (OSError, AttributeError):
         return False
-
-
-def _numpy_huge_pages(enable: bool) -> None:
-    """numpy's madvise(MADV_HUGEPAGE) of large arrays on or off (a private numpy switch;
-    nothing happens where it is missing)."""
-    try:
-        from numpy._core.multiarray import _set_madvise_hugepage
-    except ImportError:
-        try:
-            from numpy.core.multiarray import _set_madvise_hugepage
-        except ImportError:
-            return
-    _set_madvise_hugepage(enable)
 
 
 def _needs_grad(*tensors: torch.Tensor | None) -> bool:
