@@ -218,3 +218,28 @@ def test_window_labels_are_the_labels_under_each_input_window(cases, data, tile)
         padded = np.pad(cases[case].label[:, :, z], ((before, after + size), (before, after + size)))
         np.testing.assert_array_equal(windows[i], padded[x0:x0 + size, y0:y0 + size])
     assert (windows == 2).any()  # the windows do reach the oedema block
+
+
+def test_planes_add_each_case_sliced_coronally_and_sagittally(cases):
+    data = prepare(cases, RF, ("axial", "coronal", "sagittal"))
+    before, after = dense_padding(RF)
+    assert data.case_ids == ["a", "a@coronal", "a@sagittal", "b", "b@coronal", "b@sagittal"]
+    for k, pre in enumerate(cases):
+        axial, coronal, sagittal = (3 * k + j for j in range(3))
+        x, y, z = pre.label.shape
+        assert data.labels[axial].shape == (z, x, y)
+        assert data.labels[coronal].shape == (y, x, z)
+        assert data.labels[sagittal].shape == (x, y, z)
+        for j in range(y):  # coronal slice j is the plane y = j, axes (x, z)
+            np.testing.assert_array_equal(data.labels[coronal][j], pre.label[:, j, :])
+            np.testing.assert_array_equal(data.masks[coronal][j], pre.mask[:, j, :])
+            np.testing.assert_array_equal(
+                data.images[coronal][j][:, before:before + x, before:before + z], pre.image[:, :, j, :])
+        for i in range(x):  # sagittal slice i is the plane x = i, axes (y, z)
+            np.testing.assert_array_equal(data.labels[sagittal][i], pre.label[i])
+            np.testing.assert_array_equal(
+                data.images[sagittal][i][:, before:before + y, before:before + z], pre.image[:, i])
+        assert data.images[sagittal].shape == (x, 4, y + before + after, z + before + after)
+    # Every plane holds the same voxels, so the class frequencies are those of the axial stacks.
+    np.testing.assert_allclose(Sampler(data, RF, 8, "balanced").class_freq,
+                               Sampler(prepare(cases, RF), RF, 8, "balanced").class_freq)

@@ -326,6 +326,32 @@ def test_class_weights_and_mirror_tta_match_an_independent_computation(tmp_path)
     np.testing.assert_allclose(probs[inside], np.moveaxis(both, 0, -1)[inside], atol=1e-3)
 
 
+def test_three_views_average_whole_slice_inference_in_each_plane(tmp_path):
+    """--views 3: the mean of the dense (whole-slice) probabilities of axial slices (z), coronal
+    slices (y) and sagittal slices (x), each computed here on an explicitly transposed copy."""
+    from tumorseg.infer import predict_labels, predict_volume
+
+    model, _ = weights.resolve_model(str(write_tiny_model(tmp_path / "tiny.pt", seed=5)))
+    image = np.random.default_rng(2).standard_normal((4, 14, 12, 10)).astype(np.float32)
+    mask = np.zeros((14, 12, 10), bool)
+    mask[2:12, 3:11, 1:9] = True
+    axial = predict_volume(model, image)  # [5, X, Y, Z]
+    coronal = predict_volume(model, image.transpose(0, 1, 3, 2).copy()).transpose(0, 1, 3, 2)
+    sagittal = predict_volume(model, image.transpose(0, 2, 3, 1).copy()).transpose(0, 3, 1, 2)
+    mean = (axial + coronal + sagittal) / 3
+    assert np.any(mean.argmax(0)[mask] != axial.argmax(0)[mask])  # the views disagree somewhere
+    labels, probs = predict_labels(model, image, mask, probabilities=True,
+                                   planes=("axial", "coronal", "sagittal"))
+    np.testing.assert_allclose(probs[mask], np.moveaxis(mean, 0, -1)[mask], atol=2e-3)
+    close = np.sort(mean, 0)[-1] - np.sort(mean, 0)[-2] < 2e-3  # float16 ties may go either way
+    np.testing.assert_array_equal(labels[mask & ~close], mean.argmax(0)[mask & ~close])
+    assert labels.dtype == np.uint8 and probs.dtype == np.float16 and probs.shape == (14, 12, 10, 5)
+    with pytest.raises(TumorsegInputError, match="planes"):
+        predict_labels(model, image, mask, planes=("axial", "oblique"))
+    with pytest.raises(TumorsegInputError, match="--views"):
+        SegmentOptions(views=2)
+
+
 @pytest.mark.parametrize("name", ["input_cascade", "local_cascade", "mf_cascade"])
 def test_cascades_run_stage_by_stage_with_the_joint_forwards_result(name):
     """predict_labels runs a cascade's first CNN over every box, then its second: labels equal

@@ -43,6 +43,7 @@ class AugmentConfig:
     shift: float = 0.0  # per modality: add U(-shift, shift), z-score units
     knee: float = 0.0  # per modality: values above KNEE compressed by a factor U(1 - knee, 1)
     oedema: float = 0.0  # per modality, half the tiles: oedema contrast x U(1 - oedema, 1)
+    planes: bool = False  # tiles from axial, coronal and sagittal slices (sampling.prepare)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.scale < 1.0 or self.shift < 0.0 or not 0.0 <= self.knee < 1.0 \
@@ -50,6 +51,11 @@ class AugmentConfig:
             raise ValueError(f"augment: need 0 <= scale < 1, shift >= 0, 0 <= knee < 1 and "
                              f"0 <= oedema < 1, got scale={self.scale}, shift={self.shift}, "
                              f"knee={self.knee}, oedema={self.oedema}")
+
+    @property
+    def slicing(self) -> tuple[str, ...]:
+        """The planes training slices each case in (geometry.PLANES)."""
+        return ("axial", "coronal", "sagittal") if self.planes else ("axial",)
 
     @property
     def enabled(self) -> bool:

@@ -90,7 +90,7 @@ def cmd_crossval(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     summary = run_crossval(cfg, args.data, args.out, k=args.folds, seed=args.seed,
-                           only=args.fold, segment_options=SegmentOptions(tta=args.tta),
+                           only=args.fold, segment_options=SegmentOptions(tta=args.tta, views=args.views),
                            progress=_progress(args))
     pooled = summary["pooled"]
     print(f"pooled over {pooled['cases']} cases: Dice whole {pooled['dice_whole']:.3f}, "
@@ -149,7 +149,7 @@ def cmd_segment(args) -> int:
         postprocess=post, probabilities=args.probabilities,
         overlay=args.overlay, output_format=args.output_format, batch_size=args.batch_size,
         device=args.device, precision=args.precision, engine=args.engine,
-        progress=_progress(args), tta=args.tta)
+        progress=_progress(args), tta=args.tta, views=args.views)
     try:
         results, failures = segment_cases(
             args.model, cases, args.output, options, continue_=args.continue_,
@@ -334,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the fold assignment")
     p.add_argument("--tta", action="store_true",
                    help="segment the folds with --tta (seg_tta/, cases_tta.csv, crossval_tta.json)")
+    p.add_argument("--views", type=int, choices=[1, 3], default=1,
+                   help="segment the folds with --views 3 (seg_views3/, cases_views3.csv, "
+                        "crossval_views3.json)")
     p.add_argument("--threads", type=_positive_int, default=None, metavar="N")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
@@ -381,6 +384,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action="store_true",
                    help="mirror test-time augmentation: average with the left-right mirrored "
                         "slices' probabilities; twice the inference time (docs/MODEL_CARD.md)")
+    p.add_argument("--views", type=int, choices=[1, 3], default=1,
+                   help="1 (default): axial slices, as the paper; 3: average the probabilities of "
+                        "axial, coronal and sagittal slicing, three times the inference time "
+                        "(docs/MODEL_CARD.md)")
     p.add_argument("--threads", type=_positive_int, default=None, metavar="N",
                    help="torch CPU threads (default: torch's, the physical core count)")
     p.add_argument("--no-progress", action="store_true")

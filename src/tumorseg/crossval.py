@@ -87,7 +87,8 @@ def run_crossval(cfg, data_root: str | Path, out_dir: str | Path, k: int = 4, se
     Writes out_dir/folds.json, out_dir/fold<i>/ (a training run, plus seg/ with the fold's
     label maps), out_dir/cases.csv (one row per case and region: fold, grade, Dice, HD95, ...)
     and out_dir/crossval.json (per-fold and pooled means). With segment_options.tta the label
-    maps go to seg_tta/ and the tables to cases_tta.csv and crossval_tta.json. `only`: run these folds now (0-based;
+    maps go to seg_tta/ and the tables to cases_tta.csv and crossval_tta.json (views=3:
+    seg_views3/, cases_views3.csv, crossval_views3.json). `only`: run these folds now (0-based;
     the tables cover the folds finished so far). Returns the crossval.json content.
     """
     from tumorseg import checkpoint as ckpt
@@ -112,7 +113,8 @@ def run_crossval(cfg, data_root: str | Path, out_dir: str | Path, k: int = 4, se
         tmp.write_text(json.dumps({"k": k, "seed": seed, "folds": folds}, indent=2))
     cache = cfg.data.cache_dir or str(out_dir / "cache")
     options = segment_options or SegmentOptions(progress=False)
-    tag = "_tta" if options.tta else ""  # TTA outputs sit beside the plain ones
+    # TTA and multi-view outputs sit beside the plain ones
+    tag = ("_tta" if options.tta else "") + (f"_views{options.views}" if options.views != 1 else "")
 
     for i in (range(k) if only is None else only):
         run_dir = out_dir / f"fold{i}"

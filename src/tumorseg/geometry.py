@@ -37,6 +37,9 @@ SPACING_TOLERANCE = 0.01  # mm: closer than this to the model's spacing counts a
 # scan), and resampling could need tens of GB.
 MIN_SPACING, MAX_SPACING = 0.1, 10.0
 MAX_MODEL_SIDE = 512
+# Slicing planes of a volume (X, Y, Z) in model space: (in-plane axis, in-plane axis, axis
+# across slices). A 2-D model slices axially; training and inference may also slice the others.
+PLANES = {"axial": (0, 1, 2), "coronal": (0, 2, 1), "sagittal": (1, 2, 0)}
 
 
 @dataclass(frozen=True)

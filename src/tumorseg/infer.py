@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from tumorseg.errors import TumorsegInputError
+from tumorseg.geometry import PLANES
 from tumorseg.labels import N_CLASSES
 from tumorseg.models import PATCH, Cascade, dense_logits, dense_padding, fastconv
 
@@ -216,7 +217,8 @@ def predict_labels(model: torch.nn.Module, image: np.ndarray, mask: np.ndarray |
                    batch_size: int = BATCH_SIZE, device: str | torch.device = "cpu",
                    probabilities: bool = False, progress: bool = False, desc: str = "slices",
                    crop_slices: bool = True, class_weights: Sequence[float] | None = None,
-                   tta: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+                   tta: bool = False, planes: Sequence[str] = ("axial",)
+                   ) -> tuple[np.ndarray, np.ndarray | None]:
     """Argmax labels (and optionally probabilities) of a preprocessed volume.
 
     image: (4, X, Y, Z) float32 preprocessed; mask: (X, Y, Z) bool brain, or None (every pixel).
@@ -232,6 +234,8 @@ def predict_labels(model: torch.nn.Module, image: np.ndarray, mask: np.ndarray |
     the argmax, e.g. a prior correction (train.prior_correction); None = 1.
     tta: mirror test-time augmentation: the probabilities are the mean of the slice's and its
     left-right (x) mirror's, at twice the compute.
+    planes: slice the volume in each of these planes (geometry.PLANES) and average the
+    probabilities, at len(planes) times the compute; ("axial",) is the paper's inference.
 
     Returns (labels (X, Y, Z) uint8 canonical classes, probabilities (X, Y, Z, 5) float16 or
     None). Memory: the outputs plus one batch of boxes.
@@ -240,6 +244,10 @@ def predict_labels(model: torch.nn.Module, image: np.ndarray, mask: np.ndarray |
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if tuple(planes) != ("axial",):
+        return _predict_planes(model, image, mask, planes, class_weights, probabilities,
+                               batch_size=batch_size, device=device, progress=progress, desc=desc,
+                               crop_slices=crop_slices, tta=tta)
     shape = image.shape[1:]
     if mask is None:
         region = np.ones(shape, bool)
@@ -276,3 +284,31 @@ def predict_labels(model: torch.nn.Module, image: np.ndarray, mask: np.ndarray |
                 if probs_out is not None:  # [5, sx, sy] -> (sx, sy, 5)
                     probs_out[window] = np.moveaxis(probs[i].numpy(), 0, -1)
     return labels, probs_out
+
+
+def _predict_planes(model: torch.nn.Module, image: np.ndarray, mask: np.ndarray | None,
+                    planes: Sequence[str], class_weights: Sequence[float] | None,
+                    probabilities: bool, **kwargs) -> tuple[np.ndarray, np.ndarray | None]:
+    """predict_labels over several slicing planes: each plane's probabilities (the volume's
+    axes permuted so that its slices stack along the last axis, then permuted back) are
+    averaged before the class weights and the argmax."""
+    unknown = [p for p in planes if p not in PLANES]
+    if unknown or not planes or len(set(planes)) != len(planes):
+        raise TumorsegInputError("--views", f"planes must be distinct names from "
+                                            f"{', '.join(PLANES)}, got {list(planes)}")
+    total = None
+    for plane in planes:
+        perm = PLANES[plane]
+        sliced = np.ascontiguousarray(np.transpose(image, (0,) + tuple(a + 1 for a in perm)))
+        _, probs = predict_labels(model, sliced, None if mask is None else
+                                  np.ascontiguousarray(np.transpose(mask, perm)),
+                                  probabilities=True, **kwargs)
+        probs = torch.from_numpy(np.transpose(probs, tuple(np.argsort(perm)) + (3,)))
+        total = probs.float() if total is None else total.add_(probs)
+        del sliced, probs
+    total /= len(planes)
+    if class_weights is not None:
+        total *= torch.as_tensor(class_weights, dtype=torch.float32)
+        total /= total.sum(-1, keepdim=True)
+    labels = _argmax_classes(total.permute(3, 0, 1, 2).unsqueeze(0))[0].numpy()
+    return labels, total.half().numpy() if probabilities else None

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tumorseg.geometry import PLANES
 from tumorseg.labels import N_CLASSES
 from tumorseg.models import dense_padding
 
@@ -44,17 +45,24 @@ class SliceData:
     case_ids: list[str]
 
 
-def prepare(cases, receptive_field: int) -> SliceData:
-    """Pad preprocessed cases (preprocess.Preprocessed with labels) for tile extraction."""
+def prepare(cases, receptive_field: int, planes: tuple[str, ...] = ("axial",)) -> SliceData:
+    """Pad preprocessed cases (preprocess.Preprocessed with labels) for tile extraction.
+
+    planes: the slicing planes each case contributes (geometry.PLANES); a case sliced in another plane
+    than axial enters as one more volume, id "<case_id>@<plane>", with (X, Y, Z) permuted so
+    that its slices stack along the last axis.
+    """
     before, after = dense_padding(receptive_field)
     images, labels, masks, ids = [], [], [], []
     for pre in cases:
-        img = np.transpose(pre.image, (3, 0, 1, 2))  # (Z, 4, X, Y)
-        images.append(np.ascontiguousarray(
-            np.pad(img, ((0, 0), (0, 0), (before, after), (before, after)))))
-        labels.append(np.ascontiguousarray(np.transpose(pre.label, (2, 0, 1))))
-        masks.append(np.ascontiguousarray(np.transpose(pre.mask, (2, 0, 1))))
-        ids.append(pre.case_id)
+        for plane in planes:
+            a, b, c = PLANES[plane]
+            img = np.transpose(pre.image, (c + 1, 0, a + 1, b + 1))  # (4, X, Y, Z) -> (slices, 4, ., .)
+            images.append(np.ascontiguousarray(
+                np.pad(img, ((0, 0), (0, 0), (before, after), (before, after)))))
+            labels.append(np.ascontiguousarray(np.transpose(pre.label, (c, a, b))))
+            masks.append(np.ascontiguousarray(np.transpose(pre.mask, (c, a, b))))
+            ids.append(pre.case_id if plane == "axial" else f"{pre.case_id}@{plane}")
     return SliceData(images, labels, masks, (before, after), ids)
 
 

@@ -105,6 +105,9 @@ def _remove_stale_temporaries(paths: dict[str, Path]) -> None:
             tmp.unlink(missing_ok=True)
 
 
+VIEWS = {1: ("axial",), 3: ("axial", "coronal", "sagittal")}  # --views: the slicing planes
+
+
 @dataclass(frozen=True)
 class SegmentOptions:
     """How cases are segmented and what is written (the CLI's `segment` options).
@@ -118,6 +121,8 @@ class SegmentOptions:
     crop_slices: run each slice's brain box only (False: whole slices, the control of
         benchmarks/segment_case.py; same labels, slower).
     tta: mirror test-time augmentation (infer.predict_labels): twice the inference time.
+    views: 1 = axial slices (the paper); 3 = the mean of the probabilities from axial, coronal
+        and sagittal slicing (infer.predict_labels' planes), three times the inference time.
     postprocess: None = the model file's own settings (PostprocessConfig.from_meta); a dict =
         those with these fields replaced (the CLI's --min-component etc.).
     """
@@ -135,10 +140,13 @@ class SegmentOptions:
     prefetch: bool = True
     crop_slices: bool = True
     tta: bool = False
+    views: int = 1
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise TumorsegInputError("--batch-size", f"must be >= 1, got {self.batch_size}")
+        if self.views not in VIEWS:
+            raise TumorsegInputError("--views", f"must be one of {sorted(VIEWS)}, got {self.views}")
         try:
             self.engine_options()
         except ValueError as exc:
@@ -211,7 +219,7 @@ def label_case(model: torch.nn.Module, pre: Preprocessed, options: SegmentOption
                                    device=options.device, probabilities=options.probabilities,
                                    progress=options.progress, desc=desc,
                                    crop_slices=options.crop_slices, class_weights=class_weights,
-                                   tta=options.tta)
+                                   tta=options.tta, planes=VIEWS[options.views])
     t1 = time.perf_counter()
     labels[~pre.mask] = 0
     final = pp.postprocess(labels, _postprocess_config(options, {}), pre.spacing)

@@ -299,7 +299,7 @@ def _train(cfg: TrainConfig, data_root: str | Path, run_dir: str | Path, resume:
                                                                        main_rank, world, log)
     torch.manual_seed(cfg.seed)
     model = _build_model(cfg, first_path)
-    data = prepare(train_cases, model.receptive_field)
+    data = prepare(train_cases, model.receptive_field, cfg.augment.slicing)
     if cfg.model_options.get("init", "paper") == "paper" and "class_freq" not in cfg.model_options:
         head = model.output_layer()
         with torch.no_grad():  # the paper's softmax biases: log of the class frequencies
