@@ -88,6 +88,11 @@ def test_crossval_end_to_end_on_phantoms(tmp_path, capsys):
     tta = json.loads((out / "crossval_tta.json").read_text())
     assert tta["pooled"]["cases"] == 4 and (out / "fold0" / "seg_tta").is_dir()
     assert json.loads((out / "crossval.json").read_text()) == summary  # plain tables untouched
+    assert main(args + ["--views", "3"]) == 0  # the same fold models, three slicing planes
+    assert {p: p.stat().st_mtime_ns for p in out.glob("fold*/model.pt")} == mtimes
+    views = json.loads((out / "crossval_views3.json").read_text())
+    assert views["pooled"]["cases"] == 4 and (out / "fold1" / "seg_views3").is_dir()
+    assert json.loads((out / "crossval.json").read_text()) == summary
 
     # A cascade cross-validated on these fold models: "{fold}" in first_stage names each fold's
     # own TwoPathCNN, so no fold's first stage saw that fold's cases.
