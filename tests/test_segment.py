@@ -543,8 +543,11 @@ def test_volumes_csv_counts_continue_and_parts(tmp_path):
         w = csv.DictWriter(fh, list(rows["case_0"]))
         w.writeheader()
         w.writerows(kept.values())
+    stale = out / ".volumes.csv.x1y2z3.tmp.csv"  # as a run killed inside atomic_write leaves it
+    stale.write_text("case_id\ntrunc")
     results, _ = segment_cases((model, meta), cases, out, opts, continue_=True)
     assert results == [] and table() == rows
+    assert not stale.exists()
 
 
 def test_evaluate_rows_carry_region_volumes(tmp_path):

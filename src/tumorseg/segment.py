@@ -56,7 +56,7 @@ from tumorseg import io, report
 from tumorseg.datasets import (Case, LoadedCase, files_case,  # noqa: F401 (re-exported)
                                input_warnings, load_case)
 from tumorseg.errors import TumorsegInputError, one_line
-from tumorseg.geometry import ModelSpace, Transform, to_model_space
+from tumorseg.geometry import PLANES, ModelSpace, Transform, to_model_space
 from tumorseg.infer import BATCH_SIZE, predict_labels, resolve_device
 from tumorseg.labels import CLASS_NAMES, get_convention
 from tumorseg.metrics import label_volumes
@@ -105,7 +105,7 @@ def _remove_stale_temporaries(paths: dict[str, Path]) -> None:
             tmp.unlink(missing_ok=True)
 
 
-VIEWS = {1: ("axial",), 3: ("axial", "coronal", "sagittal")}  # --views: the slicing planes
+VIEWS = {1: ("axial",), 3: tuple(PLANES)}  # --views: the slicing planes (geometry.PLANES)
 
 
 @dataclass(frozen=True)
@@ -381,6 +381,8 @@ def record_volumes(out_dir: str | Path, rows: Sequence[dict]) -> Path:
 
     path = Path(out_dir) / VOLUMES_CSV
     with io.file_lock(Path(out_dir)):
+        # Only a lock holder writes the table, so a temporary found now is a killed run's.
+        _remove_stale_temporaries({"volumes": path})
         table: dict[str, dict] = {}
         if path.is_file():
             with open(path, newline="") as fh:
