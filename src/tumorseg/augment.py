@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tumorseg.geometry import PLANES
+
 
 OEDEMA = 2  # canonical class (tumorseg.labels)
 KNEE = np.float32(1.0)  # z-score units: about the top sixth of normal brain lies above it
@@ -55,7 +57,7 @@ class AugmentConfig:
     @property
     def slicing(self) -> tuple[str, ...]:
         """The planes training slices each case in (geometry.PLANES)."""
-        return ("axial", "coronal", "sagittal") if self.planes else ("axial",)
+        return tuple(PLANES) if self.planes else ("axial",)
 
     @property
     def enabled(self) -> bool:

@@ -90,7 +90,8 @@ def cmd_crossval(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     summary = run_crossval(cfg, args.data, args.out, k=args.folds, seed=args.seed,
-                           only=args.fold, segment_options=SegmentOptions(tta=args.tta, views=args.views),
+                           only=args.fold,
+                           segment_options=SegmentOptions(tta=args.tta, views=args.views),
                            progress=_progress(args))
     pooled = summary["pooled"]
     print(f"pooled over {pooled['cases']} cases: Dice whole {pooled['dice_whole']:.3f}, "

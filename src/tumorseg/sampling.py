@@ -48,8 +48,8 @@ class SliceData:
 def prepare(cases, receptive_field: int, planes: tuple[str, ...] = ("axial",)) -> SliceData:
     """Pad preprocessed cases (preprocess.Preprocessed with labels) for tile extraction.
 
-    planes: the slicing planes each case contributes (geometry.PLANES); a case sliced in another plane
-    than axial enters as one more volume, id "<case_id>@<plane>", with (X, Y, Z) permuted so
+    planes: the slicing planes each case contributes (geometry.PLANES); a case sliced in
+    another plane than axial enters as one more volume, id "<case_id>@<plane>", with (X, Y, Z) permuted so
     that its slices stack along the last axis.
     """
     before, after = dense_padding(receptive_field)
