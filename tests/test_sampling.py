@@ -243,3 +243,54 @@ def test_planes_add_each_case_sliced_coronally_and_sagittally(cases):
     # Every plane holds the same voxels, so the class frequencies are those of the axial stacks.
     np.testing.assert_allclose(Sampler(data, RF, 8, "balanced").class_freq,
                                Sampler(prepare(cases, RF), RF, 8, "balanced").class_freq)
+
+
+def _near_tumour_bruteforce(case, mm):
+    """Healthy brain voxels of `case` within `mm` of a tumour voxel, by comparing every pair:
+    a set of (z, x, y), independent of scipy's distance transform."""
+    lab, msk = case.label, case.mask
+    tumour = np.argwhere(lab > 0)
+    out = set()
+    for x, y, z in np.argwhere((lab == 0) & msk):
+        if len(tumour) and (((tumour - (x, y, z)) ** 2).sum(1) <= mm * mm).any():
+            out.add((int(z), int(x), int(y)))
+    return out
+
+
+def test_healthy_share_sets_the_fraction_of_healthy_anchors(data):
+    sampler = Sampler(data, RF, 1, "balanced", healthy_share=0.6)
+    n = 4000
+    observed = np.bincount(_anchor_classes(data, sampler.anchors(np.random.default_rng(8), n)),
+                           minlength=5).astype(float)
+    expected = np.array([0.6, 0.4 / 3, 0.4 / 3, 0, 0.4 / 3]) * n  # tumour classes share the rest
+    stat = _chi2(observed, expected)
+    assert stat < CHI2_99_9[3], f"class counts {observed}, expected {expected} (chi2 {stat:.1f})"
+
+
+def test_border_anchors_are_the_healthy_voxels_near_a_tumour_each_equally_likely(cases, data):
+    mm = 2.0
+    sampler = Sampler(data, RF, 1, "balanced", healthy_share=0.5, border_share=1.0, border_mm=mm)
+    near = [_near_tumour_bruteforce(c, mm) for c in cases]
+    for k, case_near in enumerate(near):
+        z, x, y = np.unravel_index(sampler.border[k], data.labels[k].shape)
+        assert set(zip(z.tolist(), x.tolist(), y.tolist())) == case_near, f"case {k}"
+    anchors = sampler.anchors(np.random.default_rng(9), 6000)
+    healthy = [(c, z, x, y) for c, z, x, y in anchors if data.labels[c][z, x, y] == 0]
+    assert all((z, x, y) in near[c] for c, z, x, y in healthy), "a healthy anchor far from tumour"
+    # Uniform over the union of both cases' border voxels.
+    index = {(c, v): i for i, (c, v) in enumerate((c, v) for c in range(2) for v in sorted(near[c]))}
+    observed = np.bincount([index[(c, (z, x, y))] for c, z, x, y in healthy],
+                           minlength=len(index)).astype(float)
+    stat = _chi2(observed, np.full(len(index), len(healthy) / len(index)))
+    dof = len(index) - 1
+    assert stat < dof + 4 * np.sqrt(2 * dof), f"border anchors not uniform (chi2 {stat:.0f}, dof {dof})"
+
+
+@pytest.mark.parametrize("options", [{"healthy_share": 1.0}, {"border_share": 1.5},
+                                     {"border_share": 0.5, "border_mm": 0.0},
+                                     {"sampling": "natural", "healthy_share": 0.3}])
+def test_anchor_options_out_of_range_are_rejected(options):
+    from tumorseg.train import PhaseConfig
+
+    with pytest.raises(ValueError):
+        PhaseConfig(**options)

@@ -8,7 +8,11 @@ volume see zeros, exactly as whole-slice inference does.
 Sampling modes (paper, Sec. 3.2):
 - balanced: anchors are drawn class-first (each canonical class present in the training set
   equally likely), and the loss is the mean over present classes of the per-class mean loss in
-  the batch: the expected loss of balanced patch sampling, for any T.
+  the batch: the expected loss of balanced patch sampling, for any T. Two options (not in the
+  paper) shift where anchors fall, the loss weights staying balanced: `healthy_share`, the
+  fraction of anchors on healthy brain (the tumour/healthy ratio; 0 = 1/K as in the paper),
+  and `border_share`, the fraction of those healthy anchors drawn within `border_mm` of the
+  tumour (hard negatives: the tissue whose labels are hardest to place).
 - natural: anchors uniform over brain voxels; loss is the plain mean over brain pixels.
 - slice_weighted: natural anchors; each pixel is weighted by the inverse frequency of its class
   within its own tile's slice window (the public Keras re-implementation's variant).
@@ -69,21 +73,40 @@ def prepare(cases, receptive_field: int, planes: tuple[str, ...] = ("axial",)) -
 class Sampler:
     """Draws tile anchors (case, z, x0, y0) and builds batches of tiles with loss weights."""
 
-    def __init__(self, data: SliceData, receptive_field: int, tile: int, mode: str):
+    def __init__(self, data: SliceData, receptive_field: int, tile: int, mode: str,
+                 healthy_share: float = 0.0, border_share: float = 0.0, border_mm: float = 10.0):
         if mode not in SAMPLING_MODES:
             raise ValueError(f"sampling must be one of {SAMPLING_MODES}, got {mode!r}")
+        check_anchor_options(mode, healthy_share, border_share, border_mm)
         self.data, self.rf, self.tile, self.mode = data, receptive_field, tile, mode
+        self.healthy_share, self.border_share = healthy_share, border_share
         # Flat voxel indices of each class inside the brain, per case: (Z, X, Y) order.
         self.index = [[np.flatnonzero((lab == c) & msk).astype(np.int64) for c in range(N_CLASSES)]
                       for lab, msk in zip(data.labels, data.masks)]
         self.counts = np.array([[len(ix) for ix in per] for per in self.index], dtype=np.float64)
         self.present = [c for c in range(N_CLASSES) if self.counts[:, c].sum() > 0]
         self.class_freq = class_frequencies(data)
+        self.border = [border_voxels(lab, msk, border_mm) if border_share > 0 else
+                       np.zeros(0, np.int64) for lab, msk in zip(data.labels, data.masks)]
+        self.border_counts = np.array([len(ix) for ix in self.border], dtype=np.float64)
+        if border_share > 0 and self.border_counts.sum() == 0:
+            raise ValueError(f"border_share = {border_share}: no healthy brain voxel lies within "
+                             f"{border_mm} mm of a tumour in the training cases")
+
+    def _balanced_class(self, rng: np.random.Generator) -> int:
+        tumour = [c for c in self.present if c != 0]
+        if self.healthy_share <= 0 or not tumour or 0 not in self.present:
+            return self.present[rng.integers(len(self.present))]
+        if rng.random() < self.healthy_share:
+            return 0
+        return tumour[rng.integers(len(tumour))]
 
     def _anchor(self, rng: np.random.Generator) -> tuple[int, int, int, int]:
+        border = False
         if self.mode == "balanced":
-            c = self.present[rng.integers(len(self.present))]
-            weights = self.counts[:, c]
+            c = self._balanced_class(rng)
+            border = c == 0 and self.border_share > 0 and rng.random() < self.border_share
+            weights = self.border_counts if border else self.counts[:, c]
         else:
             c, weights = None, self.counts.sum(1)
         case = int(rng.choice(len(weights), p=weights / weights.sum()))
@@ -93,7 +116,7 @@ class Sampler:
             cls = int(np.searchsorted(np.cumsum(sizes), k, side="right"))
             flat = self.index[case][cls][k - int(sizes[:cls].sum())]
         else:
-            ix = self.index[case][c]
+            ix = self.border[case] if border else self.index[case][c]
             flat = ix[rng.integers(len(ix))]
         z, x, y = np.unravel_index(flat, self.data.labels[case].shape)
         # The anchor voxel sits at a uniformly random place inside the T x T output window.
@@ -139,6 +162,32 @@ class Sampler:
             win = lab[max(xs, 0):xs + size, max(ys, 0):ys + size]
             out[i, max(-xs, 0):max(-xs, 0) + win.shape[0], max(-ys, 0):max(-ys, 0) + win.shape[1]] = win
         return out
+
+
+def check_anchor_options(mode: str, healthy_share: float, border_share: float,
+                         border_mm: float) -> None:
+    """ValueError unless the balanced-sampling options are in range (and only used with it)."""
+    if not 0 <= healthy_share < 1 or not 0 <= border_share <= 1 or border_mm <= 0:
+        raise ValueError(f"need 0 <= healthy_share < 1, 0 <= border_share <= 1 and border_mm > 0; "
+                         f"got {healthy_share}, {border_share}, {border_mm}")
+    if mode != "balanced" and (healthy_share or border_share):
+        raise ValueError(f"healthy_share and border_share shape balanced sampling; "
+                         f"sampling is {mode!r}")
+
+
+def border_voxels(label: np.ndarray, mask: np.ndarray, mm: float) -> np.ndarray:
+    """Flat indices (in label's order) of healthy brain voxels within `mm` of a tumour voxel.
+
+    label, mask: (Z, X, Y) on the model's 1 mm isotropic grid, so voxels are millimetres (and
+    any slicing plane's permutation keeps distances). Empty without tumour.
+    """
+    from scipy import ndimage
+
+    tumour = label > 0
+    if not tumour.any():
+        return np.zeros(0, np.int64)
+    near = ndimage.distance_transform_edt(~tumour) <= mm
+    return np.flatnonzero(near & ~tumour & mask).astype(np.int64)
 
 
 def class_frequencies(data: SliceData) -> np.ndarray:

@@ -41,7 +41,8 @@ from tumorseg.models.fastconv import EngineOptions
 from tumorseg.models.two_path import TwoPathCNN
 from tumorseg.postprocess import PostprocessConfig
 from tumorseg.preprocess import PreprocessSettings
-from tumorseg.sampling import SAMPLING_MODES, Sampler, SliceData, class_frequencies, prepare
+from tumorseg.sampling import (SAMPLING_MODES, Sampler, SliceData, check_anchor_options,
+                               class_frequencies, prepare)
 
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -52,6 +53,9 @@ class PhaseConfig:
     """One training phase. An epoch is `steps_per_epoch` steps of `batch_size` tiles."""
 
     sampling: str = "balanced"  # balanced | natural | slice_weighted
+    healthy_share: float = 0.0  # balanced: fraction of anchors on healthy brain; 0 = 1/K
+    border_share: float = 0.0  # balanced: fraction of healthy anchors within border_mm of tumour
+    border_mm: float = 10.0
     epochs: int = 10
     steps_per_epoch: int = 100
     batch_size: int = 8  # tiles per step (global, over all ranks)
@@ -78,6 +82,7 @@ class PhaseConfig:
     def __post_init__(self):
         if self.sampling not in SAMPLING_MODES:
             raise ValueError(f"sampling must be one of {SAMPLING_MODES}, got {self.sampling!r}")
+        check_anchor_options(self.sampling, self.healthy_share, self.border_share, self.border_mm)
         for key, value, valid in (("optimizer", self.optimizer, OPTIMIZERS),
                                   ("schedule", self.schedule, ("linear", "cosine")),
                                   ("loss", self.loss, ("ce", "ce_dice")),
@@ -594,7 +599,8 @@ def _start_phase(run: _Run, p: PhaseConfig, p_idx: int, state: dict, saved: dict
     if saved is not None and saved.get("optimizer") is not None:
         opt.load_state_dict(saved["optimizer"])
     net = torch.nn.parallel.DistributedDataParallel(model) if run.world > 1 else model
-    sampler = Sampler(run.data, model.receptive_field, p.tile, p.sampling)
+    sampler = Sampler(run.data, model.receptive_field, p.tile, p.sampling, p.healthy_share,
+                      p.border_share, p.border_mm)
     # Balanced sampling teaches a uniform class prior; validation scores the natural posterior.
     val_weights = prior_correction(sampler.class_freq) if p.sampling == "balanced" else None
     return _Phase(p, p_idx, net, params, opt, sampler, val_weights, time.time(), state["step"])
