@@ -2,6 +2,7 @@
 
     python scripts/crossval_report.py ~/runs/cv_v2            # plain segmentation
     python scripts/crossval_report.py ~/runs/cv_v2 --tta      # the same folds with --tta
+    python scripts/crossval_report.py ~/runs/cv_v8 --views 3  # ... sliced in three planes
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ def _f(x: float, digits: int = 3) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
-def report(cv_dir: Path, tta: bool = False) -> str:
-    tag = "_tta" if tta else ""
+def report(cv_dir: Path, tta: bool = False, views: int = 1) -> str:
+    tag = ("_tta" if tta else "") + (f"_views{views}" if views != 1 else "")  # as crossval names them
     summary = json.loads((cv_dir / f"crossval{tag}.json").read_text())
     with open(cv_dir / f"cases{tag}.csv") as fh:
         rows = list(csv.DictReader(fh))
@@ -48,5 +49,6 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("cv_dir", type=Path)
     ap.add_argument("--tta", action="store_true")
+    ap.add_argument("--views", type=int, choices=(1, 3), default=1)
     args = ap.parse_args()
-    print(report(args.cv_dir, args.tta))
+    print(report(args.cv_dir, args.tta, args.views))
