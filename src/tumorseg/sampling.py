@@ -85,6 +85,7 @@ class Sampler:
                       for lab, msk in zip(data.labels, data.masks)]
         self.counts = np.array([[len(ix) for ix in per] for per in self.index], dtype=np.float64)
         self.present = [c for c in range(N_CLASSES) if self.counts[:, c].sum() > 0]
+        self.tumour = [c for c in self.present if c != 0]
         self.class_freq = class_frequencies(data)
         self.border = [border_voxels(lab, msk, border_mm) if border_share > 0 else
                        np.zeros(0, np.int64) for lab, msk in zip(data.labels, data.masks)]
@@ -94,12 +95,11 @@ class Sampler:
                              f"{border_mm} mm of a tumour in the training cases")
 
     def _balanced_class(self, rng: np.random.Generator) -> int:
-        tumour = [c for c in self.present if c != 0]
-        if self.healthy_share <= 0 or not tumour or 0 not in self.present:
+        if self.healthy_share <= 0 or not self.tumour or 0 not in self.present:
             return self.present[rng.integers(len(self.present))]
         if rng.random() < self.healthy_share:
             return 0
-        return tumour[rng.integers(len(tumour))]
+        return self.tumour[rng.integers(len(self.tumour))]
 
     def _anchor(self, rng: np.random.Generator) -> tuple[int, int, int, int]:
         border = False
