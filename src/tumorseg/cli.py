@@ -314,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_preprocess)
 
     p = sub.add_parser("train", help="train a model (two phases; cascades load or train a first stage)")
-    p.add_argument("--config", required=True, help="TOML config, e.g. configs/two_path.toml")
+    p.add_argument("--config", required=True, help="TOML config, e.g. configs/paper_two_path.toml")
     p.add_argument("--data", required=True, help="dataset root with label maps")
     p.add_argument("--out", required=True, help="run folder (checkpoints, logs, model.pt)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
