@@ -195,6 +195,23 @@ def test_segment_explicit_files_and_evaluate_missing_prediction(tmp_path, monkey
 
     rc = main(["evaluate", "--pred", str(tmp_path / "nope"), "--ref", str(root)])
     assert rc == 2 and "does not exist" in capsys.readouterr().err
+    for flag in ("-o", "--json"):  # an output that is a folder: refused before any work
+        rc = main(["evaluate", "--pred", str(pred), "--ref", str(root), flag, str(tmp_path)])
+        out, err = capsys.readouterr()
+        assert rc == 2 and out == ""
+        assert f"{tmp_path}: {flag} names a folder" in _one_error_line(err)
+
+
+def test_unwritable_or_unreadable_paths_are_one_line_errors(tmp_path, capsys):
+    rc = main(["train", "--config", str(tmp_path), "--data", str(tmp_path), "--out",
+               str(tmp_path / "run")])
+    assert rc == 2 and f"{tmp_path}: is a folder, not a TOML config file" in \
+        _one_error_line(capsys.readouterr().err)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    rc = main(["demo", "--out", str(blocker / "demo"), "--no-progress"])
+    line = _one_error_line(capsys.readouterr().err)
+    assert rc == 2 and str(blocker) in line
 
 
 def test_no_traceback_reaches_the_terminal(tmp_path, tiny_model):

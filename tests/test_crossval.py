@@ -36,8 +36,22 @@ def test_read_strata_of_the_shared_cases(shared_data):
 
 @pytest.mark.parametrize("k", [1, 5])
 def test_impossible_fold_counts_are_refused(k):
-    with pytest.raises(Exception, match="folds"):
+    from tumorseg.errors import TumorsegInputError
+
+    with pytest.raises(TumorsegInputError, match="folds"):
         assign_folds(["a", "b", "c", "d"], k)
+
+
+@pytest.mark.parametrize("fold", ["4", "-1"])
+def test_a_fold_number_out_of_range_is_a_one_line_error(tmp_path, capsys, fold):
+    root = tmp_path / "data"
+    for i in range(4):
+        write_phantom(make_phantom((32, 32, 16), seed=i, case_id=f"ph{i}"), root, "brats2017")
+    code = main(["crossval", "--config", "configs/tiny.toml", "--data", str(root),
+                 "--out", str(tmp_path / "cv"), "--folds", "4", "--fold", fold])
+    err = capsys.readouterr().err
+    assert code == 2 and f"--fold: fold {fold} does not exist: folds are numbered 0 to 3" in err
+    assert "Traceback" not in err and not (tmp_path / "cv" / "fold0").exists()
 
 
 def test_crossval_end_to_end_on_phantoms(tmp_path, capsys):
@@ -88,6 +102,12 @@ def test_crossval_end_to_end_on_phantoms(tmp_path, capsys):
     tta = json.loads((out / "crossval_tta.json").read_text())
     assert tta["pooled"]["cases"] == 4 and (out / "fold0" / "seg_tta").is_dir()
     assert json.loads((out / "crossval.json").read_text()) == summary  # plain tables untouched
+    # Finished folds of another recipe are refused, not reported as this one's; a thread count
+    # or cache folder that differs does not change the recipe.
+    assert main(args + ["augment.mirror=false"]) == 2
+    assert "trained with another config" in capsys.readouterr().err
+    assert main(args + ["threads=2", f'data.cache_dir="{tmp_path / "cache2"}"']) == 0
+    assert {p: p.stat().st_mtime_ns for p in out.glob("fold*/model.pt")} == mtimes
     assert main(args + ["--views", "3"]) == 0  # the same fold models, three slicing planes
     assert {p: p.stat().st_mtime_ns for p in out.glob("fold*/model.pt")} == mtimes
     views = json.loads((out / "crossval_views3.json").read_text())

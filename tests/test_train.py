@@ -690,3 +690,17 @@ def test_recipe_options_train_and_reject_bad_values(tmp_path, phantoms):
     for key, bad in (("optimizer", "lbfgs"), ("schedule", "step"), ("loss", "focal"), ("keep", "first")):
         with pytest.raises(ValueError, match=key):
             PhaseConfig(**{key: bad})
+
+
+def test_truncate_metrics_drops_a_line_cut_by_a_kill(tmp_path):
+    """A kill during a metrics append leaves half a JSON line; --resume must not choke on it."""
+    from tumorseg.train import _truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"phase": 1, "epoch": 1, "step": 10, "loss": 1.0},
+            {"phase": 1, "epoch": 1, "step": 20, "loss": 0.9},
+            {"phase": 1, "epoch": 1, "step": 30, "loss": 0.8}]
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    path.write_text(text + '{"phase": 1, "epoch": 1, "st')
+    _truncate_metrics(path, phase=0, epoch=0, step=20)
+    assert [json.loads(line) for line in path.read_text().splitlines()] == rows[:2]

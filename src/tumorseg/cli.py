@@ -12,6 +12,7 @@ import argparse
 import math
 import json
 import sys
+from pathlib import Path
 
 from tumorseg.errors import Interrupted, TumorsegInputError
 from tumorseg.postprocess import PostprocessConfig
@@ -174,6 +175,9 @@ def cmd_evaluate(args) -> int:
     from tumorseg import metrics
     from tumorseg.evaluation import evaluate_folder
 
+    for flag, path in (("-o", args.output), ("--json", args.json)):
+        if path and Path(path).is_dir():  # checked before the evaluation, not after it
+            raise TumorsegInputError(path, f"{flag} names a folder; give a file name")
     rows, problems = evaluate_folder(args.pred, args.ref, layout=args.layout,
                                      labels=_labels_arg(args), lesionwise=args.lesionwise)
     for case_id, msg in problems:
@@ -196,7 +200,11 @@ def cmd_export(args) -> int:
     from tumorseg.weights import resolve_model
 
     model, meta = resolve_model(args.model)
-    result = export_onnx(model, meta, args.output, verify=not args.no_check)
+    try:
+        result = export_onnx(model, meta, args.output, verify=not args.no_check)
+    except RuntimeError as exc:  # the written graph failed its check: nothing was kept
+        _err(" ".join(str(exc).split()))
+        return 1
     props = result["metadata"]
     pad = json.loads(props["padding"])
     print(f"wrote {result['path']} ({result['bytes'] / 1e6:.1f} MB): {props['model']}, "
@@ -442,6 +450,11 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args))
     except TumorsegInputError as exc:
         _err(str(exc))
+        return 2
+    except OSError as exc:  # a path that cannot be read or written: one line, not a traceback
+        if exc.filename is None:
+            raise
+        _err(f"{exc.filename}: {exc.strerror or exc}")
         return 2
     except Interrupted as exc:  # training saved a checkpoint before stopping
         _err(str(exc))

@@ -111,6 +111,8 @@ def load_config(cls, path: str | Path | None = None, overrides: list[str] = ()):
                 data = tomllib.load(fh)
         except FileNotFoundError:
             raise TumorsegInputError(path, "config file does not exist") from None
+        except IsADirectoryError:
+            raise TumorsegInputError(path, "is a folder, not a TOML config file") from None
         except tomllib.TOMLDecodeError as exc:
             raise TumorsegInputError(path, f"not valid TOML: {exc}") from None
     for text in overrides:

@@ -79,6 +79,29 @@ def summarize_folds(rows: list[dict], folds: list[list[str]]) -> dict:
     return {"pooled": stats(rows), "per_fold": per_fold}
 
 
+def _check_finished_fold(run_dir: Path, fold_cfg) -> None:
+    """Refuse to reuse a finished fold trained with another recipe: its scores would be reported
+    as this config's. Where the preprocessing cache lives, the thread and worker counts do not
+    change what a fold learns, so they may differ."""
+    from tumorseg.config import to_dict
+    from tumorseg.train import same_config
+
+    path = run_dir / "config.json"
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise TumorsegInputError(path, "a finished fold needs its config.json (missing or "
+                                       "unreadable): use a new output folder") from None
+    ignored = {"threads": fold_cfg.threads, "workers": fold_cfg.workers}
+    if isinstance(saved, dict):
+        saved = {**saved, **ignored}
+        if isinstance(saved.get("data"), dict):
+            saved["data"] = {**saved["data"], "cache_dir": fold_cfg.data.cache_dir}
+    if not same_config(saved, to_dict(fold_cfg)):
+        raise TumorsegInputError(path, "this finished fold was trained with another config than "
+                                       "--config and its overrides give: use a new output folder")
+
+
 def run_crossval(cfg, data_root: str | Path, out_dir: str | Path, k: int = 4, seed: int = 0,
                  only: list[int] | None = None, segment_options=None, progress: bool = True,
                  log: Callable[[str], object] = print) -> dict:
@@ -98,6 +121,10 @@ def run_crossval(cfg, data_root: str | Path, out_dir: str | Path, k: int = 4, se
     from tumorseg.segment import SegmentOptions, output_paths, segment_cases
     from tumorseg.train import train
 
+    bad = [i for i in (only or []) if not 0 <= i < k]
+    if bad:
+        raise TumorsegInputError("--fold", f"fold {bad[0]} does not exist: folds are numbered "
+                                           f"0 to {k - 1}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cases = [c for c in find_cases(data_root, layout=cfg.data.layout or None,
@@ -124,7 +151,9 @@ def run_crossval(cfg, data_root: str | Path, out_dir: str | Path, k: int = 4, se
         fold_cfg = dataclasses.replace(cfg, first_stage=cfg.first_stage.replace("{fold}", str(i)),
                                        data=dataclasses.replace(cfg.data, train=train_ids,
                                                                 val=list(folds[i]), cache_dir=cache))
-        if not (run_dir / "summary.json").exists():
+        if (run_dir / "summary.json").exists():
+            _check_finished_fold(run_dir, fold_cfg)
+        else:
             log(f"fold {i}: training on {len(train_ids)} cases, validating on {folds[i]}")
             train(fold_cfg, data_root, run_dir, resume=(run_dir / "checkpoint.pt").exists(),
                   progress=progress, log=log)

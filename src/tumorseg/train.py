@@ -362,7 +362,7 @@ def _write_config(cfg: TrainConfig, run_dir: Path, resume: bool) -> None:
     ckpt_path, config_path = run_dir / "checkpoint.pt", run_dir / "config.json"
     run_dir.mkdir(parents=True, exist_ok=True)
     if resume and config_path.exists():
-        if not _same_config(json.loads(config_path.read_text()), resolved):
+        if not same_config(json.loads(config_path.read_text()), resolved):
             raise TumorsegInputError(config_path, "--resume with a different config than the run's")
     elif not resume and ckpt_path.exists():
         raise TumorsegInputError(ckpt_path, "run folder holds a checkpoint: pass --resume or "
@@ -371,7 +371,7 @@ def _write_config(cfg: TrainConfig, run_dir: Path, resume: bool) -> None:
         tmp.write_text(json.dumps(resolved, indent=2))
 
 
-def _same_config(saved: dict, resolved: dict) -> bool:
+def same_config(saved: dict, resolved: dict) -> bool:
     """Whether a run folder's config.json describes `resolved`. Keys the saved file lacks take
     their defaults, so a run started before a new option existed (off by default) resumes."""
     from tumorseg.config import from_dict
@@ -501,7 +501,10 @@ def _truncate_metrics(path: Path, phase: int, epoch: int, step: int) -> None:
         return
     keep = []
     for line in path.read_text().splitlines():
-        row = json.loads(line)
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a kill: dropped, the run rewrites its rows
+            continue
         p = row["phase"] - 1
         done = row["epoch"] <= epoch if "patches_per_s" in row else row["step"] <= step
         if p < phase or (p == phase and done):
