@@ -223,3 +223,25 @@ def test_no_traceback_reaches_the_terminal(tmp_path, tiny_model):
     assert proc.returncode == 2
     line = _one_error_line(proc.stderr)
     assert f"{BAD_CASE}_t1.nii.gz" in line and "truncated" in line
+
+
+def test_output_labels_sets_only_the_written_convention(tmp_path, monkeypatch, capsys):
+    """--output-labels brats2023 writes the BraTS 2023 values of what the default run writes in
+    the input's BraTS 2017 convention (4 ET -> 3), and says so in labels.txt and volumes.csv."""
+    import nibabel as nib
+
+    root = tmp_path / "data"
+    write_phantom(make_phantom(SMALL_SHAPE, seed=0, case_id="o_a"), root, "brats2017")
+    cases = find_cases(root)
+    monkeypatch.setattr(weights, "resolve_model", lambda spec, device="cpu": oracle(cases))
+    maps = {}
+    for name, extra in (("own", []), ("2023", ["--output-labels", "brats2023"])):
+        out = tmp_path / name
+        assert main(["segment", "-i", str(root), "-o", str(out), "--no-progress",
+                     *SMALL_POST_ARGS, *extra]) == 0, capsys.readouterr().err
+        maps[name] = np.asarray(nib.load(out / "o_a.nii.gz").dataobj)
+    own = maps["own"]
+    assert set(np.unique(own)) == {0, 1, 2, 4}
+    expected = np.where(own == 4, 3, own)
+    np.testing.assert_array_equal(maps["2023"], expected)
+    assert "brats2023" in (tmp_path / "2023" / "volumes.csv").read_text()

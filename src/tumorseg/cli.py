@@ -148,7 +148,7 @@ def cmd_segment(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     options = SegmentOptions(
-        postprocess=post, probabilities=args.probabilities,
+        postprocess=post, probabilities=args.probabilities, convention=args.output_labels,
         overlay=args.overlay, output_format=args.output_format, batch_size=args.batch_size,
         device=args.device, precision=args.precision, engine=args.engine,
         progress=_progress(args), tta=args.tta, views=args.views)
@@ -315,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-i", "--input", required=True, help="dataset root or case folder")
     p.add_argument("-o", "--output", required=True, help="cache folder")
     p.add_argument("--n4", action="store_true", help="N4 bias correction of T1 and T1c")
-    p.add_argument("--margin", type=int, default=8, help="voxels kept around the brain box")
+    p.add_argument("--margin", type=_nonnegative_int, default=8, help="voxels kept around the brain box")
     p.add_argument("--workers", type=int, default=2, help="processes")
     p.add_argument("--no-progress", action="store_true")
     _common_data(p)
@@ -379,6 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="less enhancing tumour than MM3 cubic millimetres in a case becomes "
                         f"necrosis (default: the model's, {PostprocessConfig.min_enhancing_mm3:g} "
                         "for the released ones)")
+    p.add_argument("--output-labels", choices=["brats2013", "brats2017", "brats2023", "msd"],
+                   help="label convention of the written label maps (default: each case's own, "
+                        "as --labels or the layout gives it)")
     p.add_argument("--output-format", choices=["nii.gz", "mha"],
                    help="label map format (default: as the input, .mha in -> .mha out)")
     p.add_argument("--batch-size", type=_positive_int, default=2, metavar="N",  # infer.BATCH_SIZE

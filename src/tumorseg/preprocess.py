@@ -49,6 +49,17 @@ class PreprocessSettings:
     n4_iterations: tuple[int, ...] = (50, 50, 30, 20)
     margin: int = 8  # voxels kept around the brain's bounding box
 
+    def __post_init__(self) -> None:
+        lo, hi = (tuple(self.clip_percentiles) + (None, None))[:2]
+        if len(self.clip_percentiles) != 2 or not 0 <= lo < hi <= 100:
+            raise ValueError(f"clip_percentiles must be two percentiles 0 <= low < high <= 100, "
+                             f"got {self.clip_percentiles!r}")
+        if self.margin < 0 or self.n4_shrink < 1 or not self.n4_iterations \
+                or min(self.n4_iterations) < 1:
+            raise ValueError(f"need margin >= 0, n4_shrink >= 1 and n4_iterations >= 1 each, got "
+                             f"margin={self.margin}, n4_shrink={self.n4_shrink}, "
+                             f"n4_iterations={self.n4_iterations!r}")
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

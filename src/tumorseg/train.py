@@ -36,7 +36,7 @@ from tumorseg.errors import Interrupted, TumorsegInputError, one_line  # noqa: F
 from tumorseg.geometry import MODEL_SPACE
 from tumorseg.io import atomic_write
 from tumorseg.labels import CANONICAL_REGIONS
-from tumorseg.models import Cascade, build_model, fastconv
+from tumorseg.models import Cascade, build_model, check_options, fastconv
 from tumorseg.models.fastconv import EngineOptions
 from tumorseg.models.two_path import TwoPathCNN
 from tumorseg.postprocess import PostprocessConfig
@@ -106,6 +106,11 @@ class DataConfig:
     layout: str = ""  # override layout detection
     labels: str = ""  # override the label convention
 
+    def __post_init__(self):
+        if not 0.0 <= self.val_fraction < 1.0 or self.val_slices < 0 or self.val_every < 1:
+            raise ValueError(f"need 0 <= val_fraction < 1, val_slices >= 0 and val_every >= 1, "
+                             f"got {self.val_fraction}, {self.val_slices}, {self.val_every}")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -127,6 +132,7 @@ class TrainConfig:
 
     def __post_init__(self):
         EngineOptions(mode=self.engine, precision=self.precision)  # raises ValueError if bad
+        check_options(self.model, self.model_options)
 
 
 # -- distributed -------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from tumorseg.errors import TumorsegInputError
 from tumorseg.models.cascades import Cascade
 from tumorseg.models.two_path import PATCH, TwoPathCNN, TwoPathConfig
 
-__all__ = ["MODELS", "build_model", "dense_logits", "dense_padding", "Cascade", "TwoPathCNN",
+__all__ = ["MODELS", "build_model", "check_options", "dense_logits", "dense_padding", "Cascade", "TwoPathCNN",
            "TwoPathConfig", "PATCH", "params_total"]
 
 
@@ -33,6 +33,15 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "local_cascade": lambda **o: Cascade("local", None, _config(**o)),
     "mf_cascade": lambda **o: Cascade("output", None, _config(**o)),
 }
+
+
+def check_options(name: str, options: dict) -> None:
+    """Raise (TumorsegInputError or ValueError, one line) unless `name` is a registered model and
+    `options` valid TwoPathConfig fields for it: a config is checked when it is read, not after
+    its cases are preprocessed."""
+    if name not in MODELS:
+        raise TumorsegInputError(None, f"unknown model {name!r}; valid: {', '.join(MODELS)}")
+    _config(**options)
 
 
 def build_model(name: str, **options) -> nn.Module:
