@@ -434,6 +434,11 @@ def test_write_csv_and_json(tmp_path):
                    lesion_tp=1, lesion_fp=0, lesion_fn=2)
     summary = summarize(rows)
     assert json.loads(write_json(summary, tmp_path / "s.json").read_text()) == summary
+    # strict JSON: NaN and infinities become null (a strict parser rejects Python's NaN)
+    odd = {"mean": math.nan, "hd95": [1.5, math.inf, -math.inf], "n": np.int64(3)}
+    text = write_json(odd, tmp_path / "odd.json").read_text()
+    strict = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict {c} in JSON"))
+    assert strict == {"mean": None, "hd95": [1.5, None, None], "n": 3}
     rows[-1]["lesion_dice"], rows[-1]["lesion_hd95"] = math.nan, math.inf
     with open(write_csv(rows, path), newline="") as fh:
         table = list(csv.reader(fh))

@@ -1,6 +1,6 @@
 """Regression guard for the released weights: one shared case per model must keep the
-whole-tumour Dice recorded in docs/MODEL_CARD.md (minus a small tolerance). The case validated
-input_cascade; two_path trained on all 24 cases, so for it the guard catches regressions only."""
+whole-tumour Dice recorded in docs/MODEL_CARD.md (minus a small tolerance). Both released models
+trained on all 24 shared cases, the guard case among them, so it catches regressions only."""
 
 from __future__ import annotations
 

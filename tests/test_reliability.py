@@ -106,3 +106,24 @@ def test_demo_describes_each_picture_for_what_it_is():
 
     assert "training curves" in _how_to_open(Path("tumorseg_demo/run/curves.png"))
     assert "overlay" in _how_to_open(Path("tumorseg_demo/pred_released_two_path/demo_heldout.png"))
+
+
+def test_demo_reports_a_failed_case_and_exits_1(tmp_path, monkeypatch, capsys):
+    """A case the demo could not segment or score is named on a line of its own and the demo
+    exits 1, instead of showing it as Dice 0 with exit 0. (Training is replaced by a tiny model
+    file and the released models are left out, to keep this fast.)"""
+    import tumorseg.demo as demo
+    from test_segment import write_tiny_model
+
+    monkeypatch.setattr(demo, "RELEASED", ())
+    monkeypatch.setattr(demo, "train", lambda cfg, data, run, **kw: {
+        "model_file": str(write_tiny_model(Path(run) / "model.pt"))})
+    real = demo.evaluate_folder
+
+    def evaluate_with_a_missing_case(pred_dir, ref):
+        rows, problems = real(pred_dir, ref)
+        return rows, problems + [("demo_lost", "no prediction: counted as empty")]
+    monkeypatch.setattr(demo, "evaluate_folder", evaluate_with_a_missing_case)
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--no-progress"]) == 1
+    out = capsys.readouterr().out
+    assert "demo problem: demo_model: case demo_lost: no prediction: counted as empty" in out

@@ -549,6 +549,23 @@ def test_volumes_csv_counts_continue_and_parts(tmp_path):
     assert results == [] and table() == rows
     assert not stale.exists()
 
+    # A hand-edited table with a stray column: that column is dropped, the rows are kept.
+    with open(out / "volumes.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, list(rows["case_0"]) + ["voxels_x"])
+        w.writeheader()
+        w.writerows({**r, "voxels_x": "?"} for r in rows.values())
+    (out / "case_2.nii.gz").unlink()
+    results, failures = segment_cases((model, meta), cases, out, opts, continue_=True)
+    assert [r["case_id"] for r in results] == ["case_2"] and not failures
+    assert table() == rows
+    # A table that cannot be written: the case is still segmented, with a warning.
+    (out / "volumes.csv").unlink()
+    (out / "volumes.csv").mkdir()
+    (out / "case_2.nii.gz").unlink()
+    results, failures = segment_cases((model, meta), cases, out, opts, continue_=True)
+    assert not failures and (out / "case_2.nii.gz").is_file()
+    assert any("volumes.csv not updated" in w for w in results[0]["warnings"])
+
 
 def test_evaluate_rows_carry_region_volumes(tmp_path):
     from tumorseg import metrics

@@ -259,8 +259,8 @@ def _add_report_parser(sub) -> None:
 def cmd_demo(args) -> int:
     from tumorseg.demo import run_demo
 
-    run_demo(args.out, progress=_progress(args))
-    return 0
+    result = run_demo(args.out, progress=_progress(args))
+    return 1 if result["problems"] else 0
 
 
 # -- parser ------------------------------------------------------------------------------------

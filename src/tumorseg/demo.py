@@ -42,7 +42,8 @@ DEMO_TRAIN = TrainConfig(
 
 
 def run_demo(out: str | Path = "tumorseg_demo", progress: bool = True, log=print) -> dict:
-    """Run the demo into `out`. Returns {"files": [...], "tables": {...}}.
+    """Run the demo into `out`. Returns {"files": [...], "tables": {...}, "model_file": path,
+    "problems": [one line per failed case, missing prediction or failed report entry]}.
 
     A previous demo's folder (it holds the MARKER file) is replaced; any other existing,
     non-empty `out` is refused, so `--out .` can never delete the user's files."""
@@ -78,15 +79,20 @@ def run_demo(out: str | Path = "tumorseg_demo", progress: bool = True, log=print
             models[f"released_{name}"] = name
         except Exception as exc:  # a fresh clone may lack weights: say so, go on
             log(f"    released {name}: not available ({exc})")
+    problems: list[str] = []
     for label, spec in models.items():
         pred_dir = out / f"pred_{label}"
-        segment_cases(spec, cases, pred_dir, SegmentOptions(
+        _, failures = segment_cases(spec, cases, pred_dir, SegmentOptions(
             overlay=True, postprocess=DEMO_POSTPROCESS, progress=progress))
-        rows, _ = evaluate_folder(pred_dir, test)
+        problems += [f"{label}: case {f.case_id} failed: {f.reason}" for f in failures]
+        rows, missing = evaluate_folder(pred_dir, test)
+        problems += [f"{label}: case {cid}: {msg}" for cid, msg in missing]
         tables[label] = metrics.summarize(rows)
         metrics.write_csv(rows, pred_dir / "metrics.csv")
-        write_report(pred_dir, pred_dir / "report.html", images=test,
-                     metrics=pred_dir / "metrics.csv")
+        report = write_report(pred_dir, pred_dir / "report.html", images=test,
+                              metrics=pred_dir / "metrics.csv")
+        problems += [f"{label}: report: case {f['case_id']}: {f['reason']}"
+                     for f in report.get("failed", [])]
 
     log("4/5 evaluation on the held-out synthetic case (Dice / HD95 mm)")
     log(f"    {'model':<26}{'whole':>15}{'core':>15}{'enhancing':>15}")
@@ -105,7 +111,9 @@ def run_demo(out: str | Path = "tumorseg_demo", progress: bool = True, log=print
     log(f"files written under {out}/ ({time.time() - t0:.0f} s):")
     for p in files:
         log(f"    {p}  {_how_to_open(p)}")
-    return {"files": files, "tables": tables, "model_file": model_file}
+    for problem in problems:  # a failed case must not pass for a Dice of 0
+        log(f"demo problem: {problem}")
+    return {"files": files, "tables": tables, "model_file": model_file, "problems": problems}
 
 
 def _how_to_open(p: Path) -> str:

@@ -331,9 +331,24 @@ def _csv_value(value: object) -> object:
     return value
 
 
+def _json_safe(value: object) -> object:
+    """NaN and infinities (an undefined mean, an infinite HD95) as None: strict JSON has no
+    literal for them, and jq or a browser's JSON.parse reject Python's NaN."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
 def write_json(summary: dict, path: str | Path) -> Path:
-    """Write a summary (or any JSON-able dict) atomically, indented."""
+    """Write a summary (or any JSON-able dict) atomically, indented, as strict JSON: non-finite
+    numbers become null."""
     path = Path(path)
     with io.atomic_write(path) as tmp:
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+        tmp.write_text(json.dumps(_json_safe(summary), indent=2, allow_nan=False) + "\n")
     return path

@@ -43,6 +43,7 @@ their case is segmented again.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -377,7 +378,6 @@ def record_volumes(out_dir: str | Path, rows: Sequence[dict]) -> Path:
     convention, whole_ml, core_ml, enhancing_ml, voxels_<label value>...), keeping the other
     cases' rows, sorted by case id. Atomic, and under a lock: the processes of a
     --num-parts split share the file."""
-    import csv
 
     path = Path(out_dir) / VOLUMES_CSV
     with io.file_lock(Path(out_dir)):
@@ -390,8 +390,10 @@ def record_volumes(out_dir: str | Path, rows: Sequence[dict]) -> Path:
         for row in rows:
             table[str(row["case_id"])] = row
         lead = ["case_id", "convention", "whole_ml", "core_ml", "enhancing_ml"]
-        voxel_cols = sorted({k for r in table.values() for k in r if k.startswith("voxels_")},
-                            key=lambda k: int(k.split("_")[1]))
+        # Columns of another shape (a hand-edited file) are dropped, not fatal.
+        voxel_cols = sorted({k for r in table.values() for k in r
+                             if k and k.startswith("voxels_") and k[7:].isdigit()},
+                            key=lambda k: int(k[7:]))
         with io.atomic_write(path) as tmp, open(tmp, "w", newline="") as fh:
             writer = csv.DictWriter(fh, lead + voxel_cols, restval="", extrasaction="ignore")
             writer.writeheader()
@@ -415,13 +417,15 @@ def _restore_volume_rows(skipped: Sequence[Case], out_dir: Path, options: Segmen
                          log) -> None:
     """Cases skipped by --continue keep their volumes.csv rows; a missing row is computed from
     the case's label map."""
-    import csv
 
     path = out_dir / VOLUMES_CSV
     have: set[str] = set()
     if path.is_file():
-        with open(path, newline="") as fh:
-            have = {r.get("case_id", "") for r in csv.DictReader(fh)}
+        try:
+            with open(path, newline="") as fh:
+                have = {r.get("case_id", "") for r in csv.DictReader(fh)}
+        except (OSError, ValueError, csv.Error):
+            pass  # unreadable: every skipped case's row is computed again
     rows = []
     for case in skipped:
         if case.case_id in have:
@@ -431,8 +435,19 @@ def _restore_volume_rows(skipped: Sequence[Case], out_dir: Path, options: Segmen
         except TumorsegInputError as exc:  # an unreadable earlier output: say so, go on
             if log:
                 log(f"case {case.case_id}: warning: no volumes ({exc})")
-    if rows:
+    problem = _try_record_volumes(out_dir, rows) if rows else None
+    if problem and log:
+        log(f"warning: {problem}")
+
+
+def _try_record_volumes(out_dir: str | Path, rows: Sequence[dict]) -> str | None:
+    """record_volumes, or the one-line reason it failed: the label maps are written, so a
+    volumes table that cannot be kept is a warning, never a failed case or batch."""
+    try:
         record_volumes(out_dir, rows)
+    except (OSError, ValueError, csv.Error) as exc:
+        return f"{Path(out_dir) / VOLUMES_CSV} not updated: {one_line(exc)}"
+    return None
 
 
 def segment_cases(model_spec, cases: Sequence[Case], out_dir: str | Path,
@@ -521,7 +536,9 @@ def segment_cases(model_spec, cases: Sequence[Case], out_dir: str | Path,
                 current = None
                 fastconv.release_freed_memory()  # one case's high-water mark stays its own
             results.append(result)
-            record_volumes(out_dir, [_volume_row(case, out_dir, options, result)])
+            problem = _try_record_volumes(out_dir, [_volume_row(case, out_dir, options, result)])
+            if problem:
+                result["warnings"].append(problem)
             if log:
                 log(f"case {case.case_id}: {result['labels']} ({result['seconds']:.1f} s)")
                 for warning in result["warnings"]:
