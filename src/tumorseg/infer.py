@@ -213,45 +213,68 @@ def _argmax_classes(probs: torch.Tensor) -> torch.Tensor:
     return idx
 
 
+@dataclass(frozen=True)
+class InferOptions:
+    """How `predict_labels` runs a model over a volume.
+
+    batch_size: slice boxes per forward pass (bounds memory); device: torch device;
+    probabilities: also return them; progress/desc: a tqdm bar over the slices and its label;
+    crop_slices: each slice's brain box (True) or the whole slices with brain (False: the
+    behaviour before the boxes, kept as the benchmarks' control);
+    class_weights: [5] factors the probabilities are multiplied by (and renormalised) before
+    the argmax, e.g. a prior correction (train.prior_correction); None = 1;
+    tta: mirror test-time augmentation: the probabilities are the mean of the slice's and its
+    left-right (x) mirror's, at twice the compute;
+    planes: slice the volume in each of these planes (geometry.PLANES) and average the
+    probabilities, at len(planes) times the compute; ("axial",) is the paper's inference.
+    """
+
+    batch_size: int = BATCH_SIZE
+    device: str | torch.device = "cpu"
+    probabilities: bool = False
+    progress: bool = False
+    desc: str = "slices"
+    crop_slices: bool = True
+    class_weights: Sequence[float] | None = None
+    tta: bool = False
+    planes: Sequence[str] = ("axial",)
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        planes = list(self.planes)
+        if not planes or len(set(planes)) != len(planes) or set(planes) - set(PLANES):
+            raise TumorsegInputError("--views", f"planes must be distinct names from "
+                                                f"{', '.join(PLANES)}, got {planes}")
+
+
 def predict_labels(model: torch.nn.Module, image: np.ndarray, mask: np.ndarray | None = None,
-                   batch_size: int = BATCH_SIZE, device: str | torch.device = "cpu",
-                   probabilities: bool = False, progress: bool = False, desc: str = "slices",
-                   crop_slices: bool = True, class_weights: Sequence[float] | None = None,
-                   tta: bool = False, planes: Sequence[str] = ("axial",)
+                   options: InferOptions | None = None, **fields
                    ) -> tuple[np.ndarray, np.ndarray | None]:
     """Argmax labels (and optionally probabilities) of a preprocessed volume.
 
     image: (4, X, Y, Z) float32 preprocessed; mask: (X, Y, Z) bool brain, or None (every pixel).
-    The model runs on each slice's brain box only (`slice_boxes`), plus the receptive field's
-    margin: inside the box every label is exactly `predict_volume(...).argmax(0)` (the box's
-    input window holds every pixel its outputs see). Outside the boxes, and on slices without
-    brain, labels are 0 and probabilities (1, 0, 0, 0, 0).
-
-    crop_slices=False runs whole slices (those with brain) instead: the behaviour before the
-    boxes, kept as the benchmarks' control.
-
-    class_weights: [5] factors the probabilities are multiplied by (and renormalised) before
-    the argmax, e.g. a prior correction (train.prior_correction); None = 1.
-    tta: mirror test-time augmentation: the probabilities are the mean of the slice's and its
-    left-right (x) mirror's, at twice the compute.
-    planes: slice the volume in each of these planes (geometry.PLANES) and average the
-    probabilities, at len(planes) times the compute; ("axial",) is the paper's inference.
+    options: an InferOptions; `fields` replace some of its fields (predict_labels(m, x,
+    tta=True)). The model runs on each slice's brain box only (`slice_boxes`), plus the
+    receptive field's margin: inside the box every label is exactly
+    `predict_volume(...).argmax(0)` (the box's input window holds every pixel its outputs see).
+    Outside the boxes, and on slices without brain, labels are 0 and probabilities
+    (1, 0, 0, 0, 0).
 
     Returns (labels (X, Y, Z) uint8 canonical classes, probabilities (X, Y, Z, 5) float16 or
     None). Memory: the outputs plus one batch of boxes.
     """
+    import dataclasses
+
     from tqdm import tqdm
 
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if tuple(planes) != ("axial",):
-        return _predict_planes(model, image, mask, planes, class_weights, probabilities,
-                               batch_size=batch_size, device=device, progress=progress, desc=desc,
-                               crop_slices=crop_slices, tta=tta)
+    opts = dataclasses.replace(options or InferOptions(), **fields)
+    if tuple(opts.planes) != ("axial",):
+        return _predict_planes(model, image, mask, opts)
     shape = image.shape[1:]
     if mask is None:
         region = np.ones(shape, bool)
-    elif crop_slices:
+    elif opts.crop_slices:
         region = mask
     else:  # whole slices, those with brain
         region = np.zeros(shape, bool)
@@ -259,21 +282,22 @@ def predict_labels(model: torch.nn.Module, image: np.ndarray, mask: np.ndarray |
     boxes = slice_boxes(region)
     labels = np.zeros(shape, np.uint8)
     probs_out = None
-    if probabilities:
+    if opts.probabilities:
         probs_out = np.zeros(shape + (N_CLASSES,), np.float16)
         probs_out[..., 0] = 1
     model.eval()
     rf = model.receptive_field
     weights = None
-    if class_weights is not None:
-        weights = torch.as_tensor(class_weights, dtype=torch.float32).reshape(1, -1, 1, 1)
-    if tta and len(set(dense_padding(rf))) != 1:  # an even receptive field: flips misalign
+    if opts.class_weights is not None:
+        weights = torch.as_tensor(opts.class_weights, dtype=torch.float32).reshape(1, -1, 1, 1)
+    if opts.tta and len(set(dense_padding(rf))) != 1:  # an even receptive field: flips misalign
         raise TumorsegInputError("--tta", f"needs a model with an odd receptive field; this "
                                           f"one has {rf}")
     stages = 2 if isinstance(model, Cascade) else 1
-    with tqdm(total=stages * len(boxes), desc=desc, unit="slice", disable=not progress,
+    with tqdm(total=stages * len(boxes), desc=opts.desc, unit="slice", disable=not opts.progress,
               leave=False) as bar:
-        for batch, probs in _box_probs(model, image, boxes, batch_size, device, tta, bar):
+        for batch, probs in _box_probs(model, image, boxes, opts.batch_size, opts.device, opts.tta,
+                                         bar):
             if weights is not None:
                 probs *= weights
                 probs /= probs.sum(1, keepdim=True)
@@ -287,28 +311,26 @@ def predict_labels(model: torch.nn.Module, image: np.ndarray, mask: np.ndarray |
 
 
 def _predict_planes(model: torch.nn.Module, image: np.ndarray, mask: np.ndarray | None,
-                    planes: Sequence[str], class_weights: Sequence[float] | None,
-                    probabilities: bool, **kwargs) -> tuple[np.ndarray, np.ndarray | None]:
+                    opts: InferOptions) -> tuple[np.ndarray, np.ndarray | None]:
     """predict_labels over several slicing planes: each plane's probabilities (the volume's
     axes permuted so that its slices stack along the last axis, then permuted back) are
     averaged before the class weights and the argmax."""
-    unknown = [p for p in planes if p not in PLANES]
-    if unknown or not planes or len(set(planes)) != len(planes):
-        raise TumorsegInputError("--views", f"planes must be distinct names from "
-                                            f"{', '.join(PLANES)}, got {list(planes)}")
+    import dataclasses
+
+    one_plane = dataclasses.replace(opts, planes=("axial",), probabilities=True,
+                                    class_weights=None)
     total = None
-    for plane in planes:
+    for plane in opts.planes:
         perm = PLANES[plane]
         sliced = np.ascontiguousarray(np.transpose(image, (0,) + tuple(a + 1 for a in perm)))
         _, probs = predict_labels(model, sliced, None if mask is None else
-                                  np.ascontiguousarray(np.transpose(mask, perm)),
-                                  probabilities=True, **kwargs)
+                                  np.ascontiguousarray(np.transpose(mask, perm)), one_plane)
         probs = torch.from_numpy(np.transpose(probs, tuple(np.argsort(perm)) + (3,)))
         total = probs.float() if total is None else total.add_(probs)
         del sliced, probs
-    total /= len(planes)
-    if class_weights is not None:
-        total *= torch.as_tensor(class_weights, dtype=torch.float32)
+    total /= len(opts.planes)
+    if opts.class_weights is not None:
+        total *= torch.as_tensor(opts.class_weights, dtype=torch.float32)
         total /= total.sum(-1, keepdim=True)
     labels = _argmax_classes(total.permute(3, 0, 1, 2).unsqueeze(0))[0].numpy()
-    return labels, total.half().numpy() if probabilities else None
+    return labels, total.half().numpy() if opts.probabilities else None

@@ -58,7 +58,7 @@ from tumorseg.datasets import (Case, LoadedCase, files_case,  # noqa: F401 (re-e
                                input_warnings, load_case)
 from tumorseg.errors import TumorsegInputError, one_line
 from tumorseg.geometry import PLANES, ModelSpace, Transform, to_model_space
-from tumorseg.infer import BATCH_SIZE, predict_labels, resolve_device
+from tumorseg.infer import BATCH_SIZE, InferOptions, predict_labels, resolve_device
 from tumorseg.labels import CLASS_NAMES, get_convention
 from tumorseg.metrics import label_volumes
 from tumorseg import postprocess as pp
@@ -153,6 +153,14 @@ class SegmentOptions:
         except ValueError as exc:
             raise TumorsegInputError("--precision/--engine", str(exc)) from None
 
+    def infer_options(self, desc: str = "slices",
+                      class_weights: Sequence[float] | None = None) -> InferOptions:
+        """What infer.predict_labels needs of these options."""
+        return InferOptions(batch_size=self.batch_size, device=self.device,
+                            probabilities=self.probabilities, progress=self.progress, desc=desc,
+                            crop_slices=self.crop_slices, class_weights=class_weights,
+                            tta=self.tta, planes=VIEWS[self.views])
+
     def engine_options(self) -> EngineOptions:
         return EngineOptions(mode=self.engine, precision=self.precision)
 
@@ -216,11 +224,8 @@ def label_case(model: torch.nn.Module, pre: Preprocessed, options: SegmentOption
     None, {"infer": s, "postprocess": s}, voxels post-processing changed).
     """
     t0 = time.perf_counter()
-    labels, probs = predict_labels(model, pre.image, pre.mask, batch_size=options.batch_size,
-                                   device=options.device, probabilities=options.probabilities,
-                                   progress=options.progress, desc=desc,
-                                   crop_slices=options.crop_slices, class_weights=class_weights,
-                                   tta=options.tta, planes=VIEWS[options.views])
+    labels, probs = predict_labels(model, pre.image, pre.mask,
+                                   options.infer_options(desc, class_weights))
     t1 = time.perf_counter()
     labels[~pre.mask] = 0
     final = pp.postprocess(labels, _postprocess_config(options, {}), pre.spacing)
