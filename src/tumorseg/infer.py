@@ -16,7 +16,7 @@ measured peak.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -264,11 +264,9 @@ def predict_labels(model: torch.nn.Module, image: np.ndarray, mask: np.ndarray |
     Returns (labels (X, Y, Z) uint8 canonical classes, probabilities (X, Y, Z, 5) float16 or
     None). Memory: the outputs plus one batch of boxes.
     """
-    import dataclasses
-
     from tqdm import tqdm
 
-    opts = dataclasses.replace(options or InferOptions(), **fields)
+    opts = replace(options or InferOptions(), **fields)
     if tuple(opts.planes) != ("axial",):
         return _predict_planes(model, image, mask, opts)
     shape = image.shape[1:]
@@ -315,10 +313,7 @@ def _predict_planes(model: torch.nn.Module, image: np.ndarray, mask: np.ndarray 
     """predict_labels over several slicing planes: each plane's probabilities (the volume's
     axes permuted so that its slices stack along the last axis, then permuted back) are
     averaged before the class weights and the argmax."""
-    import dataclasses
-
-    one_plane = dataclasses.replace(opts, planes=("axial",), probabilities=True,
-                                    class_weights=None)
+    one_plane = replace(opts, planes=("axial",), probabilities=True, class_weights=None)
     total = None
     for plane in opts.planes:
         perm = PLANES[plane]

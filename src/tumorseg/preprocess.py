@@ -50,8 +50,8 @@ class PreprocessSettings:
     margin: int = 8  # voxels kept around the brain's bounding box
 
     def __post_init__(self) -> None:
-        lo, hi = (tuple(self.clip_percentiles) + (None, None))[:2]
-        if len(self.clip_percentiles) != 2 or not 0 <= lo < hi <= 100:
+        clip = tuple(self.clip_percentiles)
+        if len(clip) != 2 or not 0 <= clip[0] < clip[1] <= 100:
             raise ValueError(f"clip_percentiles must be two percentiles 0 <= low < high <= 100, "
                              f"got {self.clip_percentiles!r}")
         if self.margin < 0 or self.n4_shrink < 1 or not self.n4_iterations \

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -383,7 +384,6 @@ def record_volumes(out_dir: str | Path, rows: Sequence[dict]) -> Path:
     convention, whole_ml, core_ml, enhancing_ml, voxels_<label value>...), keeping the other
     cases' rows, sorted by case id. Atomic, and under a lock: the processes of a
     --num-parts split share the file."""
-
     path = Path(out_dir) / VOLUMES_CSV
     with io.file_lock(Path(out_dir)):
         # Only a lock holder writes the table, so a temporary found now is a killed run's.
@@ -397,8 +397,8 @@ def record_volumes(out_dir: str | Path, rows: Sequence[dict]) -> Path:
         lead = ["case_id", "convention", "whole_ml", "core_ml", "enhancing_ml"]
         # Columns of another shape (a hand-edited file) are dropped, not fatal.
         voxel_cols = sorted({k for r in table.values() for k in r
-                             if k and k.startswith("voxels_") and k[7:].isdigit()},
-                            key=lambda k: int(k[7:]))
+                             if k and re.fullmatch(r"voxels_\d+", k)},
+                            key=lambda k: int(k.removeprefix("voxels_")))
         with io.atomic_write(path) as tmp, open(tmp, "w", newline="") as fh:
             writer = csv.DictWriter(fh, lead + voxel_cols, restval="", extrasaction="ignore")
             writer.writeheader()
@@ -422,7 +422,6 @@ def _restore_volume_rows(skipped: Sequence[Case], out_dir: Path, options: Segmen
                          log) -> None:
     """Cases skipped by --continue keep their volumes.csv rows; a missing row is computed from
     the case's label map."""
-
     path = out_dir / VOLUMES_CSV
     have: set[str] = set()
     if path.is_file():

@@ -39,17 +39,20 @@ def check_options(name: str, options: dict) -> None:
     """Raise (TumorsegInputError or ValueError, one line) unless `name` is a registered model and
     `options` valid TwoPathConfig fields for it: a config is checked when it is read, not after
     its cases are preprocessed."""
+    _builder(name)
+    _config(**options)
+
+
+def _builder(name: str) -> Callable[..., nn.Module]:
     if name not in MODELS:
         raise TumorsegInputError(None, f"unknown model {name!r}; valid: {', '.join(MODELS)}")
-    _config(**options)
+    return MODELS[name]
 
 
 def build_model(name: str, **options) -> nn.Module:
     """Build a registered model; `options` are TwoPathConfig fields (a cascade's: its second
     stage's; its first stage is built from the second's options until a trained one replaces it)."""
-    if name not in MODELS:
-        raise TumorsegInputError(None, f"unknown model {name!r}; valid: {', '.join(MODELS)}")
-    return MODELS[name](**options)
+    return _builder(name)(**options)
 
 
 def params_total(model: nn.Module) -> int:
