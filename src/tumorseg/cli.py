@@ -83,17 +83,18 @@ def cmd_crossval(args) -> int:
     import torch
 
     from tumorseg.config import load_config
-    from tumorseg.crossval import run_crossval
+    from tumorseg.crossval import CrossvalOptions, run_crossval
     from tumorseg.segment import SegmentOptions
     from tumorseg.train import TrainConfig
 
     cfg = load_config(TrainConfig, args.config, args.overrides)
     if args.threads:
         torch.set_num_threads(args.threads)
-    summary = run_crossval(cfg, args.data, args.out, k=args.folds, seed=args.seed,
-                           only=args.fold,
-                           segment_options=SegmentOptions(tta=args.tta, views=args.views),
-                           progress=_progress(args))
+    options = CrossvalOptions(k=args.folds, seed=args.seed,
+                              only=tuple(args.fold) if args.fold is not None else None,
+                              segment=SegmentOptions(tta=args.tta, views=args.views),
+                              progress=_progress(args))
+    summary = run_crossval(cfg, args.data, args.out, options)
     pooled = summary["pooled"]
     print(f"pooled over {pooled['cases']} cases: Dice whole {pooled['dice_whole']:.3f}, "
           f"core {pooled['dice_core']:.3f}, enhancing {pooled['dice_enhancing']:.3f} "

@@ -18,13 +18,16 @@ import csv
 import dataclasses
 import json
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from tumorseg.errors import TumorsegInputError
 from tumorseg.io import atomic_write
 from tumorseg.labels import CANONICAL_REGIONS
+
+if TYPE_CHECKING:
+    from tumorseg.segment import SegmentOptions
 
 REGIONS = tuple(CANONICAL_REGIONS)
 
@@ -102,80 +105,128 @@ def _check_finished_fold(run_dir: Path, fold_cfg) -> None:
                                        "--config and its overrides give: use a new output folder")
 
 
-def run_crossval(cfg, data_root: str | Path, out_dir: str | Path, k: int = 4, seed: int = 0,
-                 only: list[int] | None = None, segment_options=None, progress: bool = True,
+@dataclasses.dataclass(frozen=True)
+class CrossvalOptions:
+    """How `run_crossval` splits and runs: `k` folds dealt with `seed`; `only`: run these folds
+    now (0-based; the tables cover the folds finished so far); `segment`: a
+    segment.SegmentOptions for the fold's label maps (None: the defaults, without progress
+    bars); `progress`: training progress bars."""
+
+    k: int = 4
+    seed: int = 0
+    only: tuple[int, ...] | None = None
+    segment: SegmentOptions | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        bad = [i for i in (self.only or ()) if not 0 <= i < self.k]
+        if bad:
+            raise TumorsegInputError("--fold", f"fold {bad[0]} does not exist: folds are "
+                                               f"numbered 0 to {self.k - 1}")
+
+    def output_tag(self) -> str:
+        """The suffix of the label-map folders and tables: TTA and multi-view outputs sit
+        beside the plain ones ("", "_tta", "_views3", "_tta_views3")."""
+        opts = self.segment_options()
+        return ("_tta" if opts.tta else "") + (f"_views{opts.views}" if opts.views != 1 else "")
+
+    def segment_options(self) -> SegmentOptions:
+        from tumorseg.segment import SegmentOptions
+
+        return self.segment or SegmentOptions(progress=False)
+
+
+def _write_folds(out_dir: Path, folds: list[list[str]], options: CrossvalOptions) -> None:
+    """out_dir/folds.json, refusing a folder whose folds differ (another split's runs)."""
+    path = out_dir / "folds.json"
+    if path.exists() and json.loads(path.read_text())["folds"] != folds:
+        raise TumorsegInputError(path, "holds other folds than these arguments give: "
+                                       "use a new output folder")
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps({"k": options.k, "seed": options.seed, "folds": folds},
+                                  indent=2))
+
+
+def _run_fold(i: int, cfg, folds: list[list[str]], by_id: dict, data_root: str | Path,
+              out_dir: Path, options: CrossvalOptions, log: Callable[[str], object]) -> None:
+    """Train fold i (or reuse it if finished with the same recipe) and segment its cases."""
+    from tumorseg import checkpoint as ckpt
+    from tumorseg.segment import segment_cases
+    from tumorseg.train import train
+
+    run_dir = out_dir / f"fold{i}"
+    train_ids = [c for f in folds[:i] + folds[i + 1:] for c in f]
+    # A cascade's first_stage may name each fold's own TwoPathCNN ("{fold}" -> i), e.g. a
+    # two_path cross-validation's fold models, so that no fold sees its cases through it.
+    fold_cfg = dataclasses.replace(cfg, first_stage=cfg.first_stage.replace("{fold}", str(i)),
+                                   data=dataclasses.replace(cfg.data, train=train_ids,
+                                                            val=list(folds[i])))
+    if (run_dir / "summary.json").exists():
+        _check_finished_fold(run_dir, fold_cfg)
+    else:
+        log(f"fold {i}: training on {len(train_ids)} cases, validating on {folds[i]}")
+        train(fold_cfg, data_root, run_dir, resume=(run_dir / "checkpoint.pt").exists(),
+              progress=options.progress, log=log)
+    model, meta = ckpt.load_model(run_dir / "model.pt")
+    _, failures = segment_cases((model, meta), [by_id[c] for c in folds[i]],
+                                run_dir / f"seg{options.output_tag()}",
+                                options.segment_options(), continue_=True)
+    for failure in failures:
+        log(f"fold {i}: case {failure.case_id} failed: {failure.reason}")
+
+
+def _score(folds: list[list[str]], by_id: dict, strata: dict[str, str], out_dir: Path,
+           options: CrossvalOptions) -> dict:
+    """Evaluate every fold's label maps written so far; write cases<tag>.csv and
+    crossval<tag>.json; return the latter's content."""
+    from tumorseg import metrics
+    from tumorseg.labels import get_convention
+    from tumorseg.segment import output_paths
+
+    tag = options.output_tag()
+    rows = []
+    for i, fold in enumerate(folds):
+        seg_dir = out_dir / f"fold{i}" / f"seg{tag}"
+        for cid in fold:
+            pred = output_paths(by_id[cid], seg_dir,
+                                options.segment_options().output_format)["labels"]
+            if not pred.exists():
+                continue
+            conv = get_convention(by_id[cid].convention)
+            for row in metrics.evaluate_cases([(cid, pred, by_id[cid].label)], conv):
+                rows.append({"fold": i, "grade": strata.get(cid, ""), **row})
+    summary = {"k": options.k, "seed": options.seed, "folds": folds,
+               **summarize_folds(rows, folds)}
+    if rows:
+        metrics.write_csv(rows, out_dir / f"cases{tag}.csv", leading=("fold", "grade"))
+    metrics.write_json(summary, out_dir / f"crossval{tag}.json")
+    return summary
+
+
+def run_crossval(cfg, data_root: str | Path, out_dir: str | Path,
+                 options: CrossvalOptions = CrossvalOptions(),
                  log: Callable[[str], object] = print) -> dict:
     """Cross-validate TrainConfig `cfg` over the labelled cases under `data_root`.
 
     Writes out_dir/folds.json, out_dir/fold<i>/ (a training run, plus seg/ with the fold's
     label maps), out_dir/cases.csv (one row per case and region: fold, grade, Dice, HD95, ...)
-    and out_dir/crossval.json (per-fold and pooled means). With segment_options.tta the label
-    maps go to seg_tta/ and the tables to cases_tta.csv and crossval_tta.json (views=3:
-    seg_views3/, cases_views3.csv, crossval_views3.json). `only`: run these folds now (0-based;
-    the tables cover the folds finished so far). Returns the crossval.json content.
+    and out_dir/crossval.json (per-fold and pooled means). With TTA the label maps go to
+    seg_tta/ and the tables to cases_tta.csv and crossval_tta.json (views=3: seg_views3/,
+    cases_views3.csv, crossval_views3.json); see CrossvalOptions. Returns the crossval.json
+    content.
     """
-    from tumorseg import checkpoint as ckpt
-    from tumorseg import metrics
     from tumorseg.datasets import find_cases
-    from tumorseg.labels import get_convention
-    from tumorseg.segment import SegmentOptions, output_paths, segment_cases
-    from tumorseg.train import train
 
-    bad = [i for i in (only or []) if not 0 <= i < k]
-    if bad:
-        raise TumorsegInputError("--fold", f"fold {bad[0]} does not exist: folds are numbered "
-                                           f"0 to {k - 1}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cases = [c for c in find_cases(data_root, layout=cfg.data.layout or None,
                                    labels=cfg.data.labels or None) if c.label is not None]
     by_id = {c.case_id: c for c in cases}
     strata = read_strata(data_root)
-    folds = assign_folds(sorted(by_id), k, strata, seed)
-    folds_path = out_dir / "folds.json"
-    if folds_path.exists() and json.loads(folds_path.read_text())["folds"] != folds:
-        raise TumorsegInputError(folds_path, "holds other folds than these arguments give: "
-                                             "use a new output folder")
-    with atomic_write(folds_path) as tmp:
-        tmp.write_text(json.dumps({"k": k, "seed": seed, "folds": folds}, indent=2))
-    cache = cfg.data.cache_dir or str(out_dir / "cache")
-    options = segment_options or SegmentOptions(progress=False)
-    # TTA and multi-view outputs sit beside the plain ones
-    tag = ("_tta" if options.tta else "") + (f"_views{options.views}" if options.views != 1 else "")
-
-    for i in (range(k) if only is None else only):
-        run_dir = out_dir / f"fold{i}"
-        train_ids = [c for f in folds[:i] + folds[i + 1:] for c in f]
-        # A cascade's first_stage may name each fold's own TwoPathCNN ("{fold}" -> i), e.g. a
-        # two_path cross-validation's fold models, so that no fold sees its cases through it.
-        fold_cfg = dataclasses.replace(cfg, first_stage=cfg.first_stage.replace("{fold}", str(i)),
-                                       data=dataclasses.replace(cfg.data, train=train_ids,
-                                                                val=list(folds[i]), cache_dir=cache))
-        if (run_dir / "summary.json").exists():
-            _check_finished_fold(run_dir, fold_cfg)
-        else:
-            log(f"fold {i}: training on {len(train_ids)} cases, validating on {folds[i]}")
-            train(fold_cfg, data_root, run_dir, resume=(run_dir / "checkpoint.pt").exists(),
-                  progress=progress, log=log)
-        model, meta = ckpt.load_model(run_dir / "model.pt")
-        seg_dir = run_dir / f"seg{tag}"
-        _, failures = segment_cases((model, meta), [by_id[c] for c in folds[i]], seg_dir, options,
-                                    continue_=True)
-        for failure in failures:
-            log(f"fold {i}: case {failure.case_id} failed: {failure.reason}")
-
-    rows = []
-    for i, fold in enumerate(folds):
-        seg_dir = out_dir / f"fold{i}" / f"seg{tag}"
-        for cid in fold:
-            pred = output_paths(by_id[cid], seg_dir, options.output_format)["labels"]
-            if not pred.exists():
-                continue
-            conv = get_convention(by_id[cid].convention)
-            for row in metrics.evaluate_cases([(cid, pred, by_id[cid].label)], conv):
-                rows.append({"fold": i, "grade": strata.get(cid, ""), **row})
-    summary = {"k": k, "seed": seed, "folds": folds, **summarize_folds(rows, folds)}
-    if rows:
-        metrics.write_csv(rows, out_dir / f"cases{tag}.csv", leading=("fold", "grade"))
-    metrics.write_json(summary, out_dir / f"crossval{tag}.json")
-    return summary
+    folds = assign_folds(sorted(by_id), options.k, strata, options.seed)
+    _write_folds(out_dir, folds, options)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(
+        cfg.data, cache_dir=cfg.data.cache_dir or str(out_dir / "cache")))
+    for i in (range(options.k) if options.only is None else options.only):
+        _run_fold(i, cfg, folds, by_id, data_root, out_dir, options, log)
+    return _score(folds, by_id, strata, out_dir, options)
