@@ -342,8 +342,9 @@ def write_report(seg_dir: str | Path, out_path: str | Path, images: str | Path |
                                                          f"{one_line(exc)}"})
             continue
         try:
-            rows.append(_case_row(case_id, vol, convention, canonical, case,
-                                  image_errors.get(case_id), images, modality,
+            background, notes = _background(vol, case, image_errors.get(case_id), images,
+                                            modality)
+            rows.append(_case_row(case_id, vol, convention, canonical, background, notes,
                                   scores.get(case_id, {})))
         except Exception as exc:  # out of memory, a bug
             failed.append({"case_id": case_id, "reason": f"not reported: {one_line(exc)}"})
@@ -360,31 +361,32 @@ def write_report(seg_dir: str | Path, out_path: str | Path, images: str | Path |
     }
 
 
-def _case_row(case_id, vol, convention, canonical, case, image_error, images, modality,
-              scores) -> _CaseRow:
+def _background(vol, case, image_error, images, modality: str
+                ) -> tuple[np.ndarray | None, list[str]]:
+    """The `modality` image drawn under label map `vol` (None if there is none to show, or it
+    does not match the label map's grid) and the notes that say why not."""
+    if images is None:
+        return None, []
+    if image_error is not None:
+        return None, [f"images not shown: {one_line(image_error)}"]
+    if case is None:
+        return None, [f"no images for this case in {images}"]
+    try:
+        loaded = load_case(case)
+        if loaded.image.shape[1:] != vol.data.shape:
+            return None, [f"images not shown: shape {loaded.image.shape[1:]} != label map "
+                          f"shape {vol.data.shape}"]
+        if not np.allclose(loaded.reference.affine, vol.affine, atol=AFFINE_TOLERANCE_MM):
+            return None, ["images not shown: their affine differs from the label map's"]
+        return loaded.image[MODALITIES.index(modality)], []
+    except Exception as exc:  # bad images cost the background only
+        return None, [f"images not shown: {one_line(exc)}"]
+
+
+def _case_row(case_id, vol, convention, canonical, background, notes, scores) -> _CaseRow:
     """One case's volumes, metrics and views from its label map `vol` (file values) and
-    `canonical` (the same in canonical classes)."""
+    `canonical` (the same in canonical classes), drawn over `background` (or none)."""
     volumes = label_volumes(vol.data, convention, vol.spacing)
-    notes = []
-    background = None
-    if images is not None:
-        if image_error is not None:
-            notes.append(f"images not shown: {one_line(image_error)}")
-        elif case is None:
-            notes.append(f"no images for this case in {images}")
-        else:
-            try:
-                loaded = load_case(case)
-                if loaded.image.shape[1:] != vol.data.shape:
-                    notes.append(f"images not shown: shape {loaded.image.shape[1:]} != label "
-                                 f"map shape {vol.data.shape}")
-                elif not np.allclose(loaded.reference.affine, vol.affine,
-                                     atol=AFFINE_TOLERANCE_MM):
-                    notes.append("images not shown: their affine differs from the label map's")
-                else:
-                    background = loaded.image[MODALITIES.index(modality)]
-            except Exception as exc:  # bad images cost the background only
-                notes.append(f"images not shown: {one_line(exc)}")
     views = orthogonal_views(canonical, vol.affine, vol.spacing, background)
     row = _CaseRow(case_id, volumes, scores, convention.name, vol.spacing, str(vol.path),
                    views["centre"])
