@@ -209,6 +209,40 @@ def test_pooling_variants_are_exact(k):
         assert torch.equal(pool(x, k), ref), name
 
 
+@pytest.mark.parametrize("name", ["direct_bf16", "bf16_cl"])
+def test_bf16_candidates_are_the_convolution_of_bf16_inputs_rounded_once(name):
+    """Each bf16 candidate computes conv(bf16(x), bf16(W)) with one rounding of the output to
+    bf16 (oneDNN accumulates in fp32), + bias in fp32; gradients within bf16 rounding of fp32's."""
+    x = _rand(2, 6, 19, 23, dtype=torch.float32, seed=1)
+    w, b = _rand(8, 6, 5, 5, dtype=torch.float32, seed=2), _rand(8, dtype=torch.float32, seed=3)
+    conv = fastconv.CONV_CANDIDATES[name]
+    xd, wd = x.bfloat16().double(), w.bfloat16().double()
+    exact = F.conv2d(xd, wd)  # no rounding of the sum
+    terms = F.conv2d(xd.abs(), wd.abs())  # bounds the fp32 accumulation's error
+    y = conv(x, w, b)
+    assert y.dtype == torch.float32 and y.shape == (2, 8, 15, 19)
+    if name == "bf16_cl":
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    err = (y.double() - b.double().view(1, -1, 1, 1) - exact).abs()
+    assert (err <= 2.0 ** -8 * exact.abs() + 2.0 ** -20 * terms).all(), err.max().item()
+
+    xs = x.clone().requires_grad_(True)
+    ws = w.clone().requires_grad_(True)
+    conv(xs, ws, b).square().sum().backward()
+    xr, wr = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    F.conv2d(xr, wr, b).square().sum().backward()
+    for got, ref in ((xs.grad, xr.grad), (ws.grad, wr.grad)):
+        assert got.dtype == torch.float32
+        assert (got - ref).norm() < 0.03 * ref.norm()
+
+
+def test_channels_last_inputs_get_their_own_planner_key():
+    x = torch.zeros(1, 8, 20, 20)
+    nchw = fastconv._key("maxpool", x, 8, (2,), False)
+    cl = fastconv._key("maxpool", x.contiguous(memory_format=torch.channels_last), 8, (2,), False)
+    assert cl == nchw + "|cl"
+
+
 def test_argmax_classes_equals_argmax_with_ties():
     p = torch.rand(2, 5, 7, 9)
     p[0, 3] = p[0, 1]  # ties: the first maximum wins
