@@ -147,60 +147,69 @@ def _write_folds(out_dir: Path, folds: list[list[str]], options: CrossvalOptions
                                   indent=2))
 
 
-def _run_fold(i: int, cfg, folds: list[list[str]], by_id: dict, data_root: str | Path,
-              out_dir: Path, options: CrossvalOptions, log: Callable[[str], object]) -> None:
-    """Train fold i (or reuse it if finished with the same recipe) and segment its cases."""
-    from tumorseg import checkpoint as ckpt
-    from tumorseg.segment import segment_cases
-    from tumorseg.train import train
+@dataclasses.dataclass
+class _Split:
+    """What every fold of one cross-validation shares: the recipe, the data, the folds."""
 
-    run_dir = out_dir / f"fold{i}"
-    train_ids = [c for f in folds[:i] + folds[i + 1:] for c in f]
-    # A cascade's first_stage may name each fold's own TwoPathCNN ("{fold}" -> i), e.g. a
-    # two_path cross-validation's fold models, so that no fold sees its cases through it.
-    fold_cfg = dataclasses.replace(cfg, first_stage=cfg.first_stage.replace("{fold}", str(i)),
-                                   data=dataclasses.replace(cfg.data, train=train_ids,
-                                                            val=list(folds[i])))
-    if (run_dir / "summary.json").exists():
-        _check_finished_fold(run_dir, fold_cfg)
-    else:
-        log(f"fold {i}: training on {len(train_ids)} cases, validating on {folds[i]}")
-        train(fold_cfg, data_root, run_dir, resume=(run_dir / "checkpoint.pt").exists(),
-              progress=options.progress, log=log)
-    model, meta = ckpt.load_model(run_dir / "model.pt")
-    _, failures = segment_cases((model, meta), [by_id[c] for c in folds[i]],
-                                run_dir / f"seg{options.output_tag()}",
-                                options.segment_options(), continue_=True)
-    for failure in failures:
-        log(f"fold {i}: case {failure.case_id} failed: {failure.reason}")
+    cfg: object  # train.TrainConfig, its data.cache_dir set
+    data_root: Path
+    out_dir: Path
+    folds: list[list[str]]
+    by_id: dict  # case id -> datasets.Case
+    strata: dict[str, str]
+    options: CrossvalOptions
 
+    def run_fold(self, i: int, log: Callable[[str], object]) -> None:
+        """Train fold i (or reuse it if finished with the same recipe) and segment its cases."""
+        from tumorseg import checkpoint as ckpt
+        from tumorseg.segment import segment_cases
+        from tumorseg.train import train
 
-def _score(folds: list[list[str]], by_id: dict, strata: dict[str, str], out_dir: Path,
-           options: CrossvalOptions) -> dict:
-    """Evaluate every fold's label maps written so far; write cases<tag>.csv and
-    crossval<tag>.json; return the latter's content."""
-    from tumorseg import metrics
-    from tumorseg.labels import get_convention
-    from tumorseg.segment import output_paths
+        cfg, folds = self.cfg, self.folds
+        run_dir = self.out_dir / f"fold{i}"
+        train_ids = [c for f in folds[:i] + folds[i + 1:] for c in f]
+        # A cascade's first_stage may name each fold's own TwoPathCNN ("{fold}" -> i), e.g. a
+        # two_path cross-validation's fold models, so that no fold sees its cases through it.
+        fold_cfg = dataclasses.replace(
+            cfg, first_stage=cfg.first_stage.replace("{fold}", str(i)),
+            data=dataclasses.replace(cfg.data, train=train_ids, val=list(folds[i])))
+        if (run_dir / "summary.json").exists():
+            _check_finished_fold(run_dir, fold_cfg)
+        else:
+            log(f"fold {i}: training on {len(train_ids)} cases, validating on {folds[i]}")
+            train(fold_cfg, self.data_root, run_dir, resume=(run_dir / "checkpoint.pt").exists(),
+                  progress=self.options.progress, log=log)
+        model, meta = ckpt.load_model(run_dir / "model.pt")
+        _, failures = segment_cases((model, meta), [self.by_id[c] for c in folds[i]],
+                                    run_dir / f"seg{self.options.output_tag()}",
+                                    self.options.segment_options(), continue_=True)
+        for failure in failures:
+            log(f"fold {i}: case {failure.case_id} failed: {failure.reason}")
 
-    tag = options.output_tag()
-    rows = []
-    for i, fold in enumerate(folds):
-        seg_dir = out_dir / f"fold{i}" / f"seg{tag}"
-        for cid in fold:
-            pred = output_paths(by_id[cid], seg_dir,
-                                options.segment_options().output_format)["labels"]
-            if not pred.exists():
-                continue
-            conv = get_convention(by_id[cid].convention)
-            for row in metrics.evaluate_cases([(cid, pred, by_id[cid].label)], conv):
-                rows.append({"fold": i, "grade": strata.get(cid, ""), **row})
-    summary = {"k": options.k, "seed": options.seed, "folds": folds,
-               **summarize_folds(rows, folds)}
-    if rows:
-        metrics.write_csv(rows, out_dir / f"cases{tag}.csv", leading=("fold", "grade"))
-    metrics.write_json(summary, out_dir / f"crossval{tag}.json")
-    return summary
+    def score(self) -> dict:
+        """Evaluate every fold's label maps written so far; write cases<tag>.csv and
+        crossval<tag>.json; return the latter's content."""
+        from tumorseg import metrics
+        from tumorseg.labels import get_convention
+        from tumorseg.segment import output_paths
+
+        tag, fmt = self.options.output_tag(), self.options.segment_options().output_format
+        rows = []
+        for i, fold in enumerate(self.folds):
+            seg_dir = self.out_dir / f"fold{i}" / f"seg{tag}"
+            for cid in fold:
+                case = self.by_id[cid]
+                pred = output_paths(case, seg_dir, fmt)["labels"]
+                if pred.exists():
+                    for row in metrics.evaluate_cases([(cid, pred, case.label)],
+                                                      get_convention(case.convention)):
+                        rows.append({"fold": i, "grade": self.strata.get(cid, ""), **row})
+        summary = {"k": self.options.k, "seed": self.options.seed, "folds": self.folds,
+                   **summarize_folds(rows, self.folds)}
+        if rows:
+            metrics.write_csv(rows, self.out_dir / f"cases{tag}.csv", leading=("fold", "grade"))
+        metrics.write_json(summary, self.out_dir / f"crossval{tag}.json")
+        return summary
 
 
 def run_crossval(cfg, data_root: str | Path, out_dir: str | Path,
@@ -227,6 +236,7 @@ def run_crossval(cfg, data_root: str | Path, out_dir: str | Path,
     _write_folds(out_dir, folds, options)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(
         cfg.data, cache_dir=cfg.data.cache_dir or str(out_dir / "cache")))
+    split = _Split(cfg, Path(data_root), out_dir, folds, by_id, strata, options)
     for i in (range(options.k) if options.only is None else options.only):
-        _run_fold(i, cfg, folds, by_id, data_root, out_dir, options, log)
-    return _score(folds, by_id, strata, out_dir, options)
+        split.run_fold(i, log)
+    return split.score()
