@@ -52,7 +52,7 @@ def measure(out_h: int, out_w: int, batch: int, grad: bool, repeats: int) -> dic
         b = torch.randn(cout, generator=g)
         hidden = cin not in (4, 9)  # the first layers' input is data: no gradient
         names = ["direct"] + (["native"] if grad else []) + (["fft"] if k >= 7 else []) + \
-            ["direct_bf16"]
+            ["direct_bf16", "bf16_cl"]
         times = {}
         for n in names:
             fn = fastconv.CONV_CANDIDATES[n]
@@ -96,7 +96,8 @@ def main() -> None:
         "inference_2x176x192": measure(176, 192, 2, False, args.repeats),
         "training_4x48x48": measure(48, 48, 4, True, args.repeats),
         "_meta": machine_meta("median seconds per call; inference without autograd, training "
-                              "forward + backward; direct_bf16 only runs with --precision bf16"),
+                              "forward + backward; direct_bf16 and bf16_cl only run with "
+                              "--precision bf16"),
     }
     print(json.dumps(result, indent=1))
 

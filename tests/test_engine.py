@@ -226,21 +226,70 @@ def test_bf16_candidates_are_the_convolution_of_bf16_inputs_rounded_once(name):
     err = (y.double() - b.double().view(1, -1, 1, 1) - exact).abs()
     assert (err <= 2.0 ** -8 * exact.abs() + 2.0 ** -20 * terms).all(), err.max().item()
 
-    xs = x.clone().requires_grad_(True)
-    ws = w.clone().requires_grad_(True)
-    conv(xs, ws, b).square().sum().backward()
-    xr, wr = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
-    F.conv2d(xr, wr, b).square().sum().backward()
-    for got, ref in ((xs.grad, xr.grad), (ws.grad, wr.grad)):
-        assert got.dtype == torch.float32
-        assert (got - ref).norm() < 0.03 * ref.norm()
+    leaves = [t.clone().requires_grad_(True) for t in (x, w, b)]
+    conv(*leaves).square().sum().backward()
+    refs = [t.clone().requires_grad_(True) for t in (x, w, b)]
+    F.conv2d(*refs).square().sum().backward()
+    for got, ref in zip(leaves, refs):
+        assert (got.grad - ref.grad).norm() < 0.03 * ref.grad.norm()
+
+
+def _forced(monkeypatch, conv_choice: str) -> list[list[str]]:
+    """Make the planner pick `conv_choice` wherever it is a candidate (else the reference);
+    returns the list of candidate names each convolution call site was offered."""
+    offered: list[list[str]] = []
+
+    def choose(key, candidates):
+        names = list(candidates)
+        if key.startswith("conv"):
+            offered.append(names)
+        return conv_choice if conv_choice in names else names[0]
+    monkeypatch.setattr(fastconv.planner, "choose", choose)
+    return offered
+
+
+@pytest.mark.parametrize("name", ["two_path", "input_cascade"])
+def test_bf16_channels_last_through_whole_networks(monkeypatch, name):
+    """bf16_cl at every convolution (channels-last maps then flow through maxout, pooling, the
+    cascade's concatenation and the FFT output layer) equals the NCHW bf16 path within fp32
+    rounding, forward and backward; bf16 candidates are offered only with precision bf16."""
+    torch.manual_seed(0)
+    model = build_model(name).train()
+    x = _rand(2, 4, 36 + model.receptive_field, 30 + model.receptive_field,
+              dtype=torch.float32, seed=4)
+    offered = _forced(monkeypatch, "bf16_cl")
+    model(x)  # fp32: no bf16 candidate anywhere
+    assert offered and not any("bf16_cl" in n or "direct_bf16" in n for n in offered)
+    outs = {}
+    for choice in ("bf16_cl", "direct_bf16"):
+        _forced(monkeypatch, choice)
+        model.zero_grad()
+        torch.manual_seed(1)  # the same dropout mask
+        with fastconv.options(precision="bf16"):
+            y = model(x)
+        y.square().mean().backward()
+        outs[choice] = (y.detach(), [p.grad.clone() for p in model.parameters()
+                                     if p.grad is not None])
+    (y_cl, g_cl), (y_n, g_n) = outs["bf16_cl"], outs["direct_bf16"]
+    # The two layouts may sum in another order before the bf16 rounding (one bf16 ulp, 2^-8,
+    # on a few hidden values); a layout mistake (channels mixed up) would be O(1).
+    assert (y_cl - y_n).abs().max().item() < 1e-2 * y_n.abs().max().item()
+    assert len(g_cl) == len(g_n) > 0
+    for a, b in zip(g_cl, g_n):
+        assert (a - b).norm() <= 1e-2 * b.norm() + 1e-8
 
 
 def test_channels_last_inputs_get_their_own_planner_key():
     x = torch.zeros(1, 8, 20, 20)
     nchw = fastconv._key("maxpool", x, 8, (2,), False)
-    cl = fastconv._key("maxpool", x.contiguous(memory_format=torch.channels_last), 8, (2,), False)
-    assert cl == nchw + "|cl"
+    assert nchw == "maxpool|(2,)|in 8|5x5|nograd|torch.float32|cpu"  # as before channels-last
+    cl = x.contiguous(memory_format=torch.channels_last)
+    assert fastconv._key("maxpool", cl, 8, (2,), False) == nchw + "|cl c"
+    # one channel: both layouts are the same memory, so no suffix
+    one = torch.zeros(1, 1, 20, 20).contiguous(memory_format=torch.channels_last)
+    assert fastconv._key("maxpool", one, 1, (2,), False).endswith("cpu")
+    # a list (the output layer's inputs): one flag per input
+    assert fastconv._key("conv", [x, cl], 16, (5, 16, 3, 3), False).endswith("|cl nc")
 
 
 def test_argmax_classes_equals_argmax_with_ties():

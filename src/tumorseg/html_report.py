@@ -346,6 +346,7 @@ def write_report(seg_dir: str | Path, out_path: str | Path, images: str | Path |
                                             modality)
             rows.append(_case_row(case_id, vol, convention, canonical, background, notes,
                                   scores.get(case_id, {})))
+            del background  # a view of all four modalities: not kept while the next case loads
         except Exception as exc:  # out of memory, a bug
             failed.append({"case_id": case_id, "reason": f"not reported: {one_line(exc)}"})
     failed.sort(key=lambda f: f["case_id"])

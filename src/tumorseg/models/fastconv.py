@@ -21,8 +21,8 @@ Convolution candidates:
   (4 -> 320 maps, 320 inverse transforms), so the choice is measured, not assumed;
 - "direct_bf16" and "bf16_cl" (only with precision "bf16"): the direct convolution on
   bfloat16 copies, fp32 out, in NCHW and in channels-last order (oneDNN uses AMX tiles for
-  the latter where the CPU has them: 2-9x the fp32 speed of the hidden layers on a Sapphire
-  Rapids Xeon).
+  the latter where the CPU has them: 3.6-9x the fp32 speed of the hidden layers in inference,
+  1.3-2x in training, on a Sapphire Rapids Xeon).
 
 Pooling candidates (all exact; max is order-independent): NCHW `max_pool2d`, channels-last
 `max_pool2d`, and shifted `torch.maximum` (log2 k steps per axis).
@@ -53,7 +53,10 @@ from tumorseg.io import numpy_huge_pages
 MODES = ("auto", "plain")
 PRECISIONS = ("fp32", "bf16")
 FFT_MIN_KERNEL = 7  # smaller kernels: the direct convolution always wins (O(k^2) vs O(log N))
-PLAN_VERSION = 4  # bump when candidates or keys change: old plans are then ignored
+PLAN_VERSION = 3  # bump when candidates or keys change: old plans are then ignored
+# bf16 call sites gained a candidate ("bf16_cl") after version 3: their keys carry their own
+# version, so that fp32 plans (and fp32 outputs) stay as they were.
+PRECISION_KEYS = {"fp32": "fp32", "bf16": "bf16v2"}
 MARGIN = 0.2  # a candidate must be 20% faster than the reference (direct / NCHW) to be chosen
 CLEAR = 3.0  # a candidate this many times slower than the fastest after one run is not rerun
 
@@ -212,8 +215,12 @@ def conv_direct_bf16(x: torch.Tensor | Sequence[torch.Tensor], weight: torch.Ten
 
 def conv_bf16_cl(x: torch.Tensor | Sequence[torch.Tensor], weight: torch.Tensor,
                  bias: torch.Tensor | None) -> torch.Tensor:
-    """oneDNN's convolution on bfloat16 channels-last copies of x and weight, fp32 out (still
-    channels-last: the maxout and pooling after it are elementwise and keep that order).
+    """oneDNN's convolution on bfloat16 channels-last copies of x and weight, fp32 out, still
+    channels-last: the maxout and shifted pooling after it keep that order, and the next bf16
+    layer needs it. Those layers run slower on it (the maxout reads its pieces with a stride
+    of 2; the FFT output layer transforms strided channels), but the whole network still gains:
+    two_path with bf16 on Brats18_2013_11_1, 9.4-11.2 s of inference against 12.2-14.0 s with
+    the result converted to NCHW (2026-12-06). Planner keys tell channels-last inputs apart.
 
     In channels-last order oneDNN runs bf16 on AMX tiles where the CPU has them: on the
     Sapphire Rapids VM the 13 x 13 global layer took 0.076 s against 0.205 s in NCHW bf16 and
@@ -724,13 +731,22 @@ def cpu_name() -> str:
 planner = Planner()
 
 
-def _key(op: str, x: torch.Tensor, channels: int, extra: tuple, grad: bool) -> str:
-    h, w = x.shape[-2:]
-    # A channels-last input (after a "bf16_cl" layer) costs differently from NCHW: its own key.
-    layout = "|cl" if x.dim() == 4 and not x.is_contiguous() and \
-        x.is_contiguous(memory_format=torch.channels_last) else ""
+def _channels_last(x: torch.Tensor) -> bool:
+    return x.dim() == 4 and not x.is_contiguous() and \
+        x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _key(op: str, x: torch.Tensor | Sequence[torch.Tensor], channels: int, extra: tuple,
+         grad: bool) -> str:
+    """The call site: op, weight shape or kernel (`extra`), input channels, size classes,
+    autograd, dtype, device, and "|cl" plus one flag per input (c: channels-last, n: not) if
+    any input is channels-last (after a "bf16_cl" layer): that layout costs differently."""
+    xs = [x] if isinstance(x, torch.Tensor) else list(x)
+    h, w = xs[0].shape[-2:]
+    flags = "".join("c" if _channels_last(t) else "n" for t in xs)
+    layout = f"|cl {flags}" if "c" in flags else ""
     return f"{op}|{extra}|in {channels}|{_size_class(h)}x{_size_class(w)}|" \
-           f"{'grad' if grad else 'nograd'}|{x.dtype}|{x.device.type}{layout}"
+           f"{'grad' if grad else 'nograd'}|{xs[0].dtype}|{xs[0].device.type}{layout}"
 
 
 def conv2d(x: torch.Tensor | Sequence[torch.Tensor], weight: torch.Tensor,
@@ -756,7 +772,8 @@ def conv2d(x: torch.Tensor | Sequence[torch.Tensor], weight: torch.Tensor,
         names += ["direct_bf16", "bf16_cl"]
     if len(names) == 1:
         return conv_direct(x, weight, bias)
-    key = _key("conv", first, weight.shape[1], tuple(weight.shape), grad) + f"|{opts.precision}"
+    key = _key("conv", xs, weight.shape[1], tuple(weight.shape), grad) + \
+        f"|{PRECISION_KEYS[opts.precision]}"
     # Training tiles are small: measure on the call's own input (forward and backward).
     args = (xs if grad else _probe_input(xs, 2 * weight.shape[-1]), weight, bias)
     choice = planner.choose(key, {n: _probe(CONV_CANDIDATES[n], args, grad) for n in names})
