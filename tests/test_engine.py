@@ -234,15 +234,18 @@ def test_bf16_candidates_are_the_convolution_of_bf16_inputs_rounded_once(name):
         assert (got.grad - ref.grad).norm() < 0.03 * ref.grad.norm()
 
 
-def _forced(monkeypatch, conv_choice: str) -> list[list[str]]:
+def _forced(monkeypatch, conv_choice: str, keys: list[str] | None = None) -> list[list[str]]:
     """Make the planner pick `conv_choice` wherever it is a candidate (else the reference);
-    returns the list of candidate names each convolution call site was offered."""
+    returns the list of candidate names each convolution call site was offered, and appends
+    every call site's key to `keys`."""
     offered: list[list[str]] = []
 
     def choose(key, candidates):
         names = list(candidates)
         if key.startswith("conv"):
             offered.append(names)
+        if keys is not None:
+            keys.append(key)
         return conv_choice if conv_choice in names else names[0]
     monkeypatch.setattr(fastconv.planner, "choose", choose)
     return offered
@@ -260,9 +263,9 @@ def test_bf16_channels_last_through_whole_networks(monkeypatch, name):
     offered = _forced(monkeypatch, "bf16_cl")
     model(x)  # fp32: no bf16 candidate anywhere
     assert offered and not any("bf16_cl" in n or "direct_bf16" in n for n in offered)
-    outs = {}
+    outs, keys = {}, {"bf16_cl": [], "direct_bf16": []}
     for choice in ("bf16_cl", "direct_bf16"):
-        _forced(monkeypatch, choice)
+        _forced(monkeypatch, choice, keys[choice])
         model.zero_grad()
         torch.manual_seed(1)  # the same dropout mask
         with fastconv.options(precision="bf16"):
@@ -270,6 +273,9 @@ def test_bf16_channels_last_through_whole_networks(monkeypatch, name):
         y.square().mean().backward()
         outs[choice] = (y.detach(), [p.grad.clone() for p in model.parameters()
                                      if p.grad is not None])
+    # channels-last maps do reach the layers after bf16_cl (and only after it)
+    assert any("|cl" in k for k in keys["bf16_cl"])
+    assert not any("|cl" in k for k in keys["direct_bf16"])
     (y_cl, g_cl), (y_n, g_n) = outs["bf16_cl"], outs["direct_bf16"]
     # The two layouts may sum in another order before the bf16 rounding (one bf16 ulp, 2^-8,
     # on a few hidden values); a layout mistake (channels mixed up) would be O(1).
