@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from tumorseg.models import dense_padding
-from tumorseg.sampling import Sampler, class_weights, prepare
+from tumorseg.sampling import Sampler, _nearest, _rotated_grid, class_weights, prepare
 
 RF = 33  # two_path
 CHI2_99_9 = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47}  # chi-square quantile 0.999 by dof
@@ -294,3 +294,52 @@ def test_anchor_options_out_of_range_are_rejected(options):
 
     with pytest.raises(ValueError):
         PhaseConfig(**options)
+
+
+@pytest.mark.parametrize("tile", [1, 8])
+def test_rotation_by_zero_reads_exactly_the_plain_tiles(data, tile):
+    sampler = Sampler(data, RF, tile, "balanced")
+    anchors = sampler.anchors(np.random.default_rng(5), 12)
+    images, labels, weights, window = sampler.rotated(anchors, np.zeros(len(anchors)))
+    plain_labels, plain_weights = sampler.targets(anchors)
+    np.testing.assert_array_equal(images, sampler.images(anchors))
+    np.testing.assert_array_equal(labels, plain_labels)
+    np.testing.assert_array_equal(weights, plain_weights)
+    np.testing.assert_array_equal(window, sampler.window_labels(anchors))
+
+
+def test_rotation_by_a_right_angle_is_the_turned_tile(data):
+    # Turned about the tile's centre by +90 degrees, a tile reads the plain tile clockwise
+    # (np.rot90 k = -1); the square window turns with it, so nothing new comes into view.
+    sampler = Sampler(data, RF, 8, "balanced")
+    anchors = sampler.anchors(np.random.default_rng(6), 12)
+    images, labels, _, window = sampler.rotated(anchors, np.full(len(anchors), np.pi / 2))
+    plain_labels, _ = sampler.targets(anchors)
+    np.testing.assert_allclose(images, np.rot90(sampler.images(anchors), -1, axes=(2, 3)), atol=1e-5)
+    np.testing.assert_array_equal(labels, np.rot90(plain_labels, -1, axes=(1, 2)))
+    np.testing.assert_array_equal(window, np.rot90(sampler.window_labels(anchors), -1, axes=(1, 2)))
+
+
+def test_rotated_tiles_keep_zero_outside_the_brain_and_balanced_weights(cases, data):
+    sampler = Sampler(data, RF, 8, "balanced")
+    anchors = sampler.anchors(np.random.default_rng(7), 16)
+    angles = np.deg2rad(np.random.default_rng(8).uniform(-30, 30, len(anchors)))
+    images, labels, weights, window = sampler.rotated(anchors, angles)
+    assert np.isclose(weights.sum(), 1.0)
+    # Each present class gets the same total weight (balanced mode), as for unrotated tiles.
+    totals = [weights[labels == c].sum() for c in np.unique(labels[weights > 0])]
+    np.testing.assert_allclose(totals, totals[0], rtol=1e-6)
+    # An input pixel is non-zero only where the brain mask, read at the same place, is set:
+    # brain pixels of the window are a subset of pixels whose label can be read (inside slice).
+    for i, (case, z, x0, y0) in enumerate(anchors):
+        centre = (x0 + 3.5, y0 + 3.5)
+        brain = _nearest(data.masks[case][z], _rotated_grid(8 + RF - 1, centre, angles[i]))
+        assert not np.any(images[i][:, brain == 0])
+        assert np.all(window[i][brain == 0] == 0)
+
+
+def test_rotation_range_is_checked():
+    from tumorseg.augment import AugmentConfig
+
+    with pytest.raises(ValueError, match="rotate"):
+        AugmentConfig(rotate=200.0)

@@ -670,7 +670,7 @@ def test_recipe_options_train_and_reject_bad_values(tmp_path, phantoms):
 
     root, cache = phantoms
     extra = ["data.val_slices=0", "augment.mirror=true", "augment.scale=0.1", "augment.shift=0.1",
-             "augment.oedema=0.5",
+             "augment.oedema=0.5", "augment.rotate=15.0",
              "phase1.optimizer=\"adamw\"", "phase1.weight_decay=0.01", "phase1.schedule=\"cosine\"",
              "phase1.warmup_steps=2", "phase1.loss=\"ce_dice\"", "phase1.keep=\"last\"",
              "phase2.keep=\"last\""]

@@ -1,6 +1,6 @@
 """Training-time augmentation of dense tiles (not in Havaei et al.; off in the paper configs).
 
-Two kinds, drawn per tile from the step's numpy Generator (so a run stays reproducible and
+Drawn per tile from the step's numpy Generator (so a run stays reproducible and
 resumable, see tumorseg.train):
 - mirror: each tile is flipped along x and/or y, its input window and its targets together.
   The input window extends the output tile by the receptive field's margin, equal on both sides
@@ -13,6 +13,9 @@ resumable, see tumorseg.train):
   changes a bright lesion's contrast in standard deviations of the surrounding tissue: the
   oedema the model misses is 0.9-1.9 SD above normal brain in FLAIR, against 2-5 SD in the
   cases it segments well (docs/MODEL_CARD.md, scripts/oedema_contrast.py).
+- rotation: each tile is turned by U(-rotate, +rotate) degrees about its centre as it is
+  read from the slice (sampling.Sampler.rotated, before everything here), so the corners of
+  its input window hold real neighbouring tissue; scanners and heads are not all aligned alike.
 - oedema contrast: first of all, in half of the tiles (drawn per tile), each modality's oedema
   pixels (reference class 2, on the whole input window) are pulled towards the mean of the
   window's tumour-free brain, v -> m + (v - m) * U(1 - oedema, 1). Unlike knee, it touches only
@@ -46,13 +49,15 @@ class AugmentConfig:
     knee: float = 0.0  # per modality: values above KNEE compressed by a factor U(1 - knee, 1)
     oedema: float = 0.0  # per modality, half the tiles: oedema contrast x U(1 - oedema, 1)
     planes: bool = False  # tiles from axial, coronal and sagittal slices (sampling.prepare)
+    rotate: float = 0.0  # degrees: each tile turned by U(-rotate, rotate) (sampling.Sampler.rotated)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.scale < 1.0 or self.shift < 0.0 or not 0.0 <= self.knee < 1.0 \
-                or not 0.0 <= self.oedema < 1.0:
-            raise ValueError(f"augment: need 0 <= scale < 1, shift >= 0, 0 <= knee < 1 and "
-                             f"0 <= oedema < 1, got scale={self.scale}, shift={self.shift}, "
-                             f"knee={self.knee}, oedema={self.oedema}")
+                or not 0.0 <= self.oedema < 1.0 or not 0.0 <= self.rotate <= 180.0:
+            raise ValueError(f"augment: need 0 <= scale < 1, shift >= 0, 0 <= knee < 1, "
+                             f"0 <= oedema < 1 and 0 <= rotate <= 180, got scale={self.scale}, "
+                             f"shift={self.shift}, knee={self.knee}, oedema={self.oedema}, "
+                             f"rotate={self.rotate}")
 
     @property
     def slicing(self) -> tuple[str, ...]:

@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import ndimage
 
 from tumorseg.geometry import PLANES
 from tumorseg.labels import N_CLASSES
@@ -152,6 +153,37 @@ class Sampler:
         return out
 
 
+    def rotated(self, anchors, angles: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Tiles of `anchors` turned by `angles` [N] (radians) about each output tile's centre.
+
+        Returns images [N, 4, S, S], labels and loss weights [N, T, T] and window labels [N, S, S]
+        (S = T + rf - 1), read from the slice at rotated positions, so the window's corners hold
+        real context rather than fill. Images are bilinear and set to 0 wherever the brain mask
+        (nearest) is 0, keeping preprocessing's zero-outside-the-brain convention; labels and
+        the mask are nearest-neighbour. Outside the slice: image 0, label 0, weight 0.
+        """
+        t, before = self.tile, self.data.pad[0]
+        size = t + self.rf - 1
+        n = len(anchors)
+        images = np.zeros((n, 4, size, size), np.float32)
+        labels = np.zeros((n, t, t), np.int64)
+        valid = np.zeros((n, t, t), bool)
+        window = np.zeros((n, size, size), np.int64)
+        for i, (case, z, x0, y0) in enumerate(anchors):
+            centre = (x0 + (t - 1) / 2, y0 + (t - 1) / 2)  # also the input window's centre (rf odd)
+            lab, msk = self.data.labels[case][z], self.data.masks[case][z]
+            win = _rotated_grid(size, centre, angles[i])  # unpadded slice coordinates
+            out = _rotated_grid(t, centre, angles[i])
+            brain = _nearest(msk, win).astype(bool)
+            for ch in range(4):
+                images[i, ch] = ndimage.map_coordinates(
+                    self.data.images[case][z, ch], win + before, order=1, cval=0.0) * brain
+            window[i] = _nearest(lab, win)
+            labels[i] = _nearest(lab, out)
+            valid[i] = _nearest(msk, out).astype(bool)
+        return images, labels, class_weights(labels, valid, self.mode), window
+
     def window_labels(self, anchors) -> np.ndarray:
         """Labels [N, T + rf - 1, T + rf - 1] on the input windows of `anchors` (0 on padding)."""
         size, before = self.tile + self.rf - 1, self.data.pad[0]
@@ -162,6 +194,24 @@ class Sampler:
             win = lab[max(xs, 0):xs + size, max(ys, 0):ys + size]
             out[i, max(-xs, 0):max(-xs, 0) + win.shape[0], max(-ys, 0):max(-ys, 0) + win.shape[1]] = win
         return out
+
+
+def _rotated_grid(size: int, centre: tuple[float, float], angle: float) -> np.ndarray:
+    """[2, size, size] source coordinates of a size x size grid centred on `centre`, turned by
+    `angle` radians (angle 0: the plain window, integer positions)."""
+    off = np.arange(size, dtype=np.float64) - (size - 1) / 2
+    u, v = np.meshgrid(off, off, indexing="ij")
+    c, s = np.cos(angle), np.sin(angle)
+    return np.stack([centre[0] + c * u - s * v, centre[1] + s * u + c * v])
+
+
+def _nearest(array: np.ndarray, coords: np.ndarray) -> np.ndarray:
+    """`array` [X, Y] read at the nearest integer positions `coords` [2, ...]; 0 outside."""
+    ix = np.rint(coords).astype(np.int64)
+    inside = (ix[0] >= 0) & (ix[0] < array.shape[0]) & (ix[1] >= 0) & (ix[1] < array.shape[1])
+    out = np.zeros(coords.shape[1:], array.dtype)
+    out[inside] = array[ix[0][inside], ix[1][inside]]
+    return out
 
 
 def check_anchor_options(mode: str, healthy_share: float, border_share: float,

@@ -634,11 +634,16 @@ def _step(run: _Run, ph: _Phase, step: int, lr: float, mom: float) -> float:
     rng = np.random.default_rng(_step_seed(seed, ph.index, step))
     torch.manual_seed(int(np.random.SeedSequence(_step_seed(seed, ph.index, step)).generate_state(1)[0]))
     anchors = ph.sampler.anchors(rng, p.batch_size)
-    labels, weights = ph.sampler.targets(anchors)
-    images = ph.sampler.images(anchors)
-    if run.cfg.augment.enabled:
-        window = ph.sampler.window_labels(anchors) if run.cfg.augment.oedema > 0 else None
-        images, labels, weights = augment(images, labels, weights, rng, run.cfg.augment, window)
+    aug = run.cfg.augment
+    if aug.rotate > 0:  # drawn only then, so runs without rotation keep their random streams
+        angles = np.deg2rad(rng.uniform(-aug.rotate, aug.rotate, len(anchors)))
+        images, labels, weights, window = ph.sampler.rotated(anchors, angles)
+    else:
+        labels, weights = ph.sampler.targets(anchors)
+        images = ph.sampler.images(anchors)
+        window = ph.sampler.window_labels(anchors) if aug.oedema > 0 else None
+    if aug.enabled:
+        images, labels, weights = augment(images, labels, weights, rng, aug, window)
     mine = list(range(run.rank, p.batch_size, run.world))
     x, y, w = (torch.from_numpy(np.ascontiguousarray(a[mine])).to(run.device)
                for a in (images, labels, weights))
