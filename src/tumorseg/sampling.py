@@ -152,7 +152,6 @@ class Sampler:
             out[i, :, :win.shape[1], :win.shape[2]] = win
         return out
 
-
     def rotated(self, anchors, angles: np.ndarray
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Tiles of `anchors` turned by `angles` [N] (radians) about each output tile's centre.
