@@ -124,3 +124,41 @@ def test_crossval_end_to_end_on_phantoms(tmp_path, capsys):
         _, meta = ckpt.load_model(cascade / f"fold{i}" / "model.pt")
         assert meta["first_stage"] == str(out / f"fold{i}" / "model.pt")
         assert not (cascade / f"fold{i}" / "first_stage").exists()
+
+
+def _load_report_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "crossval_report.py"
+    spec = importlib.util.spec_from_file_location("crossval_report", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _write_cases_csv(folder, dice_by_case):
+    folder.mkdir()
+    with open(folder / "cases.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["fold", "grade", "case_id", "region", "dice", "hd95"])
+        for cid, (fold, dice) in dice_by_case.items():
+            for region, d in zip(("whole", "core", "enhancing"), dice):
+                writer.writerow([fold, "HGG", cid, region, d, 1.0])
+
+
+def test_report_script_compares_two_crossvals_case_by_case(tmp_path):
+    script = _load_report_script()
+    base = {"a": (0, (0.5, 0.5, 0.5)), "b": (0, (0.9, 0.6, 0.3)), "c": (1, (0.8, 0.8, 0.8))}
+    new = {"a": (0, (0.8, 0.5, 0.5)), "b": (0, (0.9, 0.3, 0.3)), "d": (1, (1.0, 1.0, 1.0))}
+    _write_cases_csv(tmp_path / "base", base)
+    _write_cases_csv(tmp_path / "new", new)
+    text = script.compare(tmp_path / "new", tmp_path / "base")
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines()
+            if line.startswith("| a ") or line.startswith("| b ")}
+    assert rows.keys() == {"a", "b"}  # only the cases both scored
+    assert rows["a"].endswith("| +0.100 |") and rows["b"].endswith("| -0.100 |")
+    # means over a and b: base (0.7, 0.55, 0.4), new (0.85, 0.4, 0.4)
+    assert text.splitlines()[-1] == (
+        "2 cases: base 0.700 / 0.550 / 0.400 (mean 0.550) -> new 0.850 / 0.400 / 0.400 "
+        "(mean 0.550); 1 of 2 cases gain, median change +0.000")
