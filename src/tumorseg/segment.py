@@ -495,49 +495,22 @@ def segment_cases(model_spec, cases: Sequence[Case], out_dir: str | Path,
     for name in sorted({options.convention or c.convention for c in mine}):
         report.write_colour_tables(out_dir, name)
 
-    todo, skipped = [], []
-    for case in mine:
-        if continue_ and is_complete(case, out_dir, **options.outputs()):
-            if log:
-                log(f"case {case.case_id}: output exists, skipped (--continue)")
-            skipped.append(case)
-        elif options.overlay:
-            todo.append(case)
-        else:  # the ground truth is only drawn in the overlay: not read, so it cannot fail
-            todo.append(dataclasses.replace(case, label=None))
+    todo, skipped = _split_done(mine, out_dir, options, continue_, log)
     _restore_volume_rows(skipped, out_dir, options, log)
     results: list[dict] = []
     failures: list[CaseFailure] = []
     pool = ThreadPoolExecutor(1, thread_name_prefix="tumorseg-prefetch") if options.prefetch \
         else None
-    pending = pool.submit(prepare_case, todo[0], meta) if pool and todo else None  # case i
     try:
-        for i, case in enumerate(tqdm(todo, desc="cases", unit="case",
-                                      disable=not options.progress)):
-            current = None
+        for case, get in tqdm(_prefetched(todo, meta, pool), total=len(todo), desc="cases",
+                              unit="case", disable=not options.progress):
             try:
-                try:
-                    if pool:  # queue the next case before waiting for this one
-                        future = pending
-                        pending = (pool.submit(prepare_case, todo[i + 1], meta)
-                                   if i + 1 < len(todo) else None)
-                        current = future.result()
-                    else:
-                        current = case
-                    result = segment_case(model, meta, current, out_dir, options)
-                except TumorsegInputError as exc:
-                    if not _reference_error(exc, case):
-                        raise
-                    current = None
-                    result = segment_case(model, meta, dataclasses.replace(case, label=None),
-                                          out_dir, options)
-                    result["warnings"].append(f"{exc}: the overlay shows no ground truth")
+                result = _segment_one(model, meta, case, get, out_dir, options)
             except Exception as exc:  # any failure is this case's only (KeyboardInterrupt is not)
                 failures.append(CaseFailure(case.case_id, one_line(exc),
                                             isinstance(exc, TumorsegInputError)))
                 continue
             finally:
-                current = None
                 fastconv.release_freed_memory()  # one case's high-water mark stays its own
             results.append(result)
             problem = _try_record_volumes(out_dir, [_volume_row(case, out_dir, options, result)])
@@ -551,3 +524,48 @@ def segment_cases(model_spec, cases: Sequence[Case], out_dir: str | Path,
         if pool:
             pool.shutdown(wait=True, cancel_futures=True)
     return results, failures
+
+
+def _split_done(cases: Sequence[Case], out_dir: Path, options: SegmentOptions, continue_: bool,
+                log) -> tuple[list[Case], list[Case]]:
+    """(cases to segment, cases skipped because --continue found their outputs complete)."""
+    todo, skipped = [], []
+    for case in cases:
+        if continue_ and is_complete(case, out_dir, **options.outputs()):
+            if log:
+                log(f"case {case.case_id}: output exists, skipped (--continue)")
+            skipped.append(case)
+        elif options.overlay:
+            todo.append(case)
+        else:  # the ground truth is only drawn in the overlay: not read, so it cannot fail
+            todo.append(dataclasses.replace(case, label=None))
+    return todo, skipped
+
+
+def _prefetched(todo: Sequence[Case], meta: dict, pool):
+    """Yield (case, get) in order; get() returns what segment_case takes: the case prepared
+    ahead by `pool` (the next one is queued before this one is waited for), or the case itself
+    without a pool. get() raises what preparing the case raised, so it fails that case only."""
+    pending = pool.submit(prepare_case, todo[0], meta) if pool and todo else None
+    for i, case in enumerate(todo):
+        if pool is None:
+            yield case, (lambda c=case: c)
+            continue
+        future = pending
+        pending = pool.submit(prepare_case, todo[i + 1], meta) if i + 1 < len(todo) else None
+        yield case, future.result
+
+
+def _segment_one(model, meta: dict, case: Case, get, out_dir: Path,
+                 options: SegmentOptions) -> dict:
+    """segment_case on get()'s input; a bad ground truth costs the overlay its reference panel
+    (a warning), not the case."""
+    try:
+        return segment_case(model, meta, get(), out_dir, options)
+    except TumorsegInputError as exc:
+        if not _reference_error(exc, case):
+            raise
+        result = segment_case(model, meta, dataclasses.replace(case, label=None), out_dir,
+                              options)
+        result["warnings"].append(f"{exc}: the overlay shows no ground truth")
+        return result
