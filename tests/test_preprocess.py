@@ -265,3 +265,54 @@ def test_cache_entry_of_an_older_version_is_rebuilt(cached_case):
     before = _entry(path)
     assert cached_preprocess(case, PreprocessSettings(), cache)[1] and _entry(path) != before
     np.testing.assert_array_equal(load_preprocessed(path).image, old.image)
+
+
+def test_n4_corrects_exactly_the_modalities_named():
+    """A bias field on FLAIR only: with n4_modalities = ("flair",) the other channels equal the
+    uncorrected pipeline's bit for bit and FLAIR's bias shrinks; unknown names are refused."""
+    shape = (40, 40, 28)
+    x, y, z = np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij")
+    mask = x**2 + y**2 + (z * 1.2) ** 2 < 0.8
+    rng = np.random.default_rng(1)
+    image = np.where(mask, 400.0 + rng.normal(0, 4, (4,) + shape), 0).astype(np.float32)
+    image[3] *= np.exp(0.3 * x + 0.2 * y).astype(np.float32)
+    plain = preprocess_arrays(image, None, PreprocessSettings(margin=2))
+    fixed = preprocess_arrays(image, None, PreprocessSettings(
+        n4=True, n4_shrink=2, n4_modalities=("flair",), margin=2))
+    np.testing.assert_array_equal(fixed.image[:3], plain.image[:3])
+    np.testing.assert_array_equal(fixed.mask, plain.mask)
+    # Uniform tissue + noise: after correction FLAIR's left-right trend (z-score units) is gone.
+    left, right = (x < -0.3)[plain.crop.slices], (x > 0.3)[plain.crop.slices]
+    gap = [pre.image[3][pre.mask & right].mean() - pre.image[3][pre.mask & left].mean()
+           for pre in (plain, fixed)]
+    assert gap[0] > 1.0 and abs(gap[1]) < 0.5 * gap[0], gap
+    with pytest.raises(ValueError, match="n4_modalities"):
+        PreprocessSettings(n4=True, n4_modalities=("t1ce",))
+    with pytest.raises(ValueError, match="n4_modalities"):
+        PreprocessSettings(n4=True, n4_modalities=("t1", "t1"))
+
+
+def test_cache_key_holds_n4_modalities_only_with_n4(cached_case):
+    """Without N4 the modalities change nothing, so the entry is reused (and entries written
+    before the setting existed stay valid); with N4 another choice rebuilds it."""
+    case, _, cache, _ = cached_case
+    assert not cached_preprocess(case, PreprocessSettings(n4_modalities=("flair",)), cache)[1]
+    assert cached_preprocess(case, PreprocessSettings(n4=True, n4_shrink=2), cache)[1]
+    path, rebuilt = cached_preprocess(
+        case, PreprocessSettings(n4=True, n4_shrink=2, n4_modalities=("flair",)), cache)
+    assert rebuilt and load_preprocessed(path).settings.n4_modalities == ("flair",)
+
+
+def test_preprocess_cli_n4_modalities(tmp_path):
+    from tumorseg.cli import main
+
+    write_phantom(make_phantom((32, 40, 24), seed=3, case_id="c0"), tmp_path / "data", "brats2017")
+    for name, extra in (("plain", []), ("n4", ["--n4", "--n4-modalities", "flair"])):
+        assert main(["preprocess", "-i", str(tmp_path / "data"), "-o", str(tmp_path / name),
+                     "--workers", "1", "--no-progress", *extra]) == 0
+    plain, n4 = (load_preprocessed(cache_path(tmp_path / n, "c0")) for n in ("plain", "n4"))
+    assert n4.settings.n4 and n4.settings.n4_modalities == ("flair",)
+    np.testing.assert_array_equal(n4.image[:3], plain.image[:3])
+    assert not np.array_equal(n4.image[3], plain.image[3])
+    assert main(["preprocess", "-i", str(tmp_path / "data"), "-o", str(tmp_path / "x"),
+                 "--n4", "--n4-modalities", "t1ce"]) == 2

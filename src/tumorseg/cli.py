@@ -56,7 +56,8 @@ def cmd_preprocess(args) -> int:
 
     errors: list = []
     cases = find_cases(args.input, layout=args.layout, labels=args.labels, errors=errors)
-    settings = PreprocessSettings(n4=args.n4, margin=args.margin)
+    settings = PreprocessSettings(n4=args.n4, n4_modalities=tuple(args.n4_modalities),
+                                  margin=args.margin)
     done, failed = preprocess_dataset(cases, settings, args.output, workers=args.workers,
                                       progress=_progress(args))
     failed = [(str(w), str(e)) for w, e in errors] + failed
@@ -315,7 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("preprocess", help="preprocess a dataset into a cache folder")
     p.add_argument("-i", "--input", required=True, help="dataset root or case folder")
     p.add_argument("-o", "--output", required=True, help="cache folder")
-    p.add_argument("--n4", action="store_true", help="N4 bias correction of T1 and T1c")
+    p.add_argument("--n4", action="store_true", help="N4 bias correction (of T1 and T1c, as the "
+                   "paper, unless --n4-modalities names others)")
+    p.add_argument("--n4-modalities", nargs="+", choices=("t1", "t1c", "t2", "flair"),
+                   default=["t1", "t1c"], metavar="MODALITY",
+                   help="the modalities --n4 corrects: t1 t1c t2 flair (default: t1 t1c)")
     p.add_argument("--margin", type=_nonnegative_int, default=8, help="voxels kept around the brain box")
     p.add_argument("--workers", type=int, default=2, help="processes")
     p.add_argument("--no-progress", action="store_true")

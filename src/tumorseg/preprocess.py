@@ -3,8 +3,10 @@
 The order, and why:
 1. brain mask = voxels that are non-zero in any modality (BraTS volumes are skull-stripped,
    background is exactly 0);
-2. N4 bias correction of T1 and T1c (optional, as in the paper): the bias is multiplicative on
-   raw intensities, so it is removed before anything rescales them;
+2. N4 bias correction (optional; the paper corrects T1 and T1c, `n4_modalities` chooses): the
+   bias is multiplicative on raw intensities, so it is removed before anything rescales them.
+   It fits on the brain's box (step 5's crop: every voxel it corrects, and a smaller image to
+   fit than the whole volume);
 3. clip each modality at its 1st and 99th percentile inside the mask, so that a few extreme
    voxels (e.g. saturated scanners) do not dominate the statistics of step 4;
 4. z-score each modality inside the mask, background set to 0 (the padding value the network
@@ -29,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tumorseg.datasets import MODALITIES
 from tumorseg.errors import TumorsegInputError, one_line
 from tumorseg.geometry import MODEL_SPACE, to_model_space
 from tumorseg.io import atomic_write
@@ -47,6 +50,7 @@ class PreprocessSettings:
     n4: bool = False
     n4_shrink: int = 4
     n4_iterations: tuple[int, ...] = (50, 50, 30, 20)
+    n4_modalities: tuple[str, ...] = ("t1", "t1c")  # the paper's; with n4 only
     margin: int = 8  # voxels kept around the brain's bounding box
 
     def __post_init__(self) -> None:
@@ -59,6 +63,10 @@ class PreprocessSettings:
             raise ValueError(f"need margin >= 0, n4_shrink >= 1 and n4_iterations >= 1 each, got "
                              f"margin={self.margin}, n4_shrink={self.n4_shrink}, "
                              f"n4_iterations={self.n4_iterations!r}")
+        bad = [m for m in self.n4_modalities if m not in MODALITIES]
+        if bad or len(set(self.n4_modalities)) != len(self.n4_modalities):
+            raise ValueError(f"n4_modalities must be distinct names among {MODALITIES}, "
+                             f"got {self.n4_modalities!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -176,9 +184,6 @@ def bounding_box(mask: np.ndarray, margin: int) -> CropRecord:
     return CropRecord(tuple(mask.shape), tuple(start), tuple(stop))  # type: ignore[arg-type]
 
 
-N4_CHANNELS = (0, 1)  # T1 and T1c in datasets.MODALITIES order
-
-
 def preprocess_arrays(image: np.ndarray, label: np.ndarray | None, settings: PreprocessSettings,
                       case_id: str = "", spacing=(1.0, 1.0, 1.0)) -> Preprocessed:
     """Preprocess one case: image (4, X, Y, Z) raw, label (X, Y, Z) canonical or None."""
@@ -186,11 +191,12 @@ def preprocess_arrays(image: np.ndarray, label: np.ndarray | None, settings: Pre
     crop = bounding_box(mask, settings.margin)
     inside = np.ascontiguousarray(crop.crop(mask))
     out = np.zeros((image.shape[0],) + inside.shape, dtype=np.float32)
+    n4_channels = {MODALITIES.index(m) for m in settings.n4_modalities} if settings.n4 else set()
     for c in range(image.shape[0]):
-        vol = image[c].astype(np.float32, copy=False)
-        if settings.n4 and c in N4_CHANNELS:
-            vol = n4_correct(vol, mask, settings.n4_shrink, settings.n4_iterations)
-        values = crop.crop(vol)[inside]  # the brain's voxels, in C order as vol[mask]
+        vol = crop.crop(image[c]).astype(np.float32, copy=False)
+        if c in n4_channels:
+            vol = n4_correct(vol, inside, settings.n4_shrink, settings.n4_iterations)
+        values = vol[inside]  # the brain's voxels, in C order as image[c][mask]
         out[c][inside] = _zscore_inside(_clip_inside(values, *settings.clip_percentiles))
     return Preprocessed(case_id, out, inside,
                         None if label is None else np.ascontiguousarray(crop.crop(label)),
@@ -213,7 +219,10 @@ def _meta(case, settings: PreprocessSettings) -> dict:
     """The cache key of `case` (a datasets.Case) preprocessed with `settings`: everything the
     cached arrays depend on, in the form it takes on disk."""
     conv = get_convention(case.convention)
-    meta = {"version": PREPROCESS_VERSION, "case_id": case.case_id, "settings": settings.to_dict(),
+    key = settings.to_dict()
+    if not settings.n4:  # a newer key that changes nothing without N4: older entries stay valid
+        del key["n4_modalities"]
+    meta = {"version": PREPROCESS_VERSION, "case_id": case.case_id, "settings": key,
             # the table, not only the name: a corrected table must rebuild the labels
             "convention": [case.convention, sorted(conv.to_canonical.items())],
             # which file (and channel of a 4-D file) each modality is read from
