@@ -46,14 +46,19 @@ def _mean3(c: dict) -> float:
 
 
 def compare(cv_dir: Path, base_dir: Path, tta: bool = False, views: int = 1) -> str:
-    """Per-case Dice of cv_dir against base_dir on the cases both have scored (the same folds
-    are assumed: each run's fold models never saw their cases), and a summary line: the means
-    over those cases, how many cases gain in the mean of three, the median change."""
+    """Per-case Dice of cv_dir against base_dir on the cases both have scored, and a summary
+    line: the means over those cases, how many cases gain in the mean of three, the median
+    change. Raises ValueError when no case is common or a case sits in different folds."""
     tag = _tag(tta, views)
     new, base = case_dice(_rows(cv_dir, tag)), case_dice(_rows(base_dir, tag))
     common = sorted(set(new) & set(base), key=lambda c: (int(new[c]["fold"]), c))
     if not common:
-        return f"no case scored in both {cv_dir} and {base_dir}"
+        raise ValueError(f"{cv_dir}: no case scored here is scored in {base_dir}")
+    moved = [c for c in common if new[c]["fold"] != base[c]["fold"]]
+    if moved:
+        raise ValueError(f"{cv_dir}: other folds than {base_dir} (e.g. {moved[0]} in fold "
+                         f"{new[moved[0]]['fold']} vs {base[moved[0]]['fold']}): a paired "
+                         f"comparison needs the same folds")
     lines = [f"| case | fold | grade | {base_dir.name} whole / core / enhancing | "
              f"{cv_dir.name} whole / core / enhancing | change in the mean of three |",
              "|---|---|---|---|---|---|"]
@@ -113,5 +118,8 @@ if __name__ == "__main__":
     except FileNotFoundError as exc:
         print(f"error: {exc.filename}: not found (no fold of this crossval folder has been "
               f"scored yet?)", file=sys.stderr)
+        sys.exit(2)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     print(text)

@@ -68,6 +68,18 @@ def test_cascade_file_whose_first_stage_was_preprocessed_otherwise_is_refused(tm
     assert message.endswith(f"first stage vs cascade: {field} {value} vs {cascade_value}")
 
 
+def test_n4_settings_without_n4_do_not_refuse_a_first_stage(tmp_path):
+    """N4's own settings change nothing while neither side corrects; with N4 on they count."""
+    first = PreprocessSettings(n4_shrink=8, n4_modalities=("flair",))
+    path = checkpoint.save(tmp_path / "cascade.pt", cascade_payload(first.to_dict()))
+    checkpoint.load_model(path)
+    on = dataclasses.replace(first, n4=True)
+    path = checkpoint.save(tmp_path / "cascade_n4.pt", cascade_payload(on.to_dict()))
+    with pytest.raises(TumorsegInputError, match="n4 True vs False; n4_shrink 8 vs 4; "
+                                                 r"n4_modalities \('flair',\) vs"):
+        checkpoint.load_model(path)
+
+
 def test_cascade_file_with_three_first_options_still_loads(tmp_path):
     """Cascade files written before the full first-stage config (3 fields) and its preprocessing
     record (the input_cascade released until 2026-11-29) load, with their stored tensors, and

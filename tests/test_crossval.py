@@ -149,16 +149,37 @@ def _write_cases_csv(folder, dice_by_case):
 
 def test_report_script_compares_two_crossvals_case_by_case(tmp_path):
     script = _load_report_script()
-    base = {"a": (0, (0.5, 0.5, 0.5)), "b": (0, (0.9, 0.6, 0.3)), "c": (1, (0.8, 0.8, 0.8))}
-    new = {"a": (0, (0.8, 0.5, 0.5)), "b": (0, (0.9, 0.3, 0.3)), "d": (1, (1.0, 1.0, 1.0))}
+    base = {"a": (0, (0.5, 0.5, 0.5)), "b": (0, (0.9, 0.6, 0.3)), "e": (1, (0.3, 0.3, 0.3)),
+            "c": (1, (0.8, 0.8, 0.8))}
+    new = {"a": (0, (0.8, 0.5, 0.5)), "b": (0, (0.9, 0.3, 0.3)), "e": (1, (0.3, 0.3, 0.9)),
+           "d": (1, (1.0, 1.0, 1.0))}
     _write_cases_csv(tmp_path / "base", base)
     _write_cases_csv(tmp_path / "new", new)
     text = script.compare(tmp_path / "new", tmp_path / "base")
     rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines()
-            if line.startswith("| a ") or line.startswith("| b ")}
-    assert rows.keys() == {"a", "b"}  # only the cases both scored
+            if line.startswith("| ") and not line.startswith("| case") and "---" not in line}
+    assert rows.keys() == {"a", "b", "e"}  # only the cases both scored
     assert rows["a"].endswith("| +0.100 |") and rows["b"].endswith("| -0.100 |")
-    # means over a and b: base (0.7, 0.55, 0.4), new (0.85, 0.4, 0.4)
+    assert rows["e"].endswith("| +0.200 |")
+    # means over a, b, e: base (0.567, 0.467, 0.367), new (0.667, 0.367, 0.567); changes
+    # +0.1, -0.1, +0.2: median +0.1 (the mean would be +0.067)
     assert text.splitlines()[-1] == (
-        "2 cases: base 0.700 / 0.550 / 0.400 (mean 0.550) -> new 0.850 / 0.400 / 0.400 "
-        "(mean 0.550); 1 of 2 cases gain, median change +0.000")
+        "3 cases: base 0.567 / 0.467 / 0.367 (mean 0.467) -> new 0.667 / 0.367 / 0.567 "
+        "(mean 0.533); 2 of 3 cases gain, median change +0.100")
+
+
+def test_report_script_refuses_other_folds(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _write_cases_csv(tmp_path / "base", {"a": (0, (0.5, 0.5, 0.5))})
+    _write_cases_csv(tmp_path / "new", {"a": (1, (0.5, 0.5, 0.5))})
+    _write_cases_csv(tmp_path / "other", {"z": (0, (0.5, 0.5, 0.5))})
+    script = Path(__file__).resolve().parents[1] / "scripts" / "crossval_report.py"
+    for new, rule in (("new", "a paired comparison needs the same folds"),
+                      ("other", "no case scored here is scored in")):
+        done = subprocess.run([sys.executable, str(script), str(tmp_path / new), "--against",
+                               str(tmp_path / "base")], capture_output=True, text=True)
+        assert done.returncode == 2 and done.stdout == ""
+        assert done.stderr.count("\n") == 1 and rule in done.stderr, done.stderr

@@ -295,7 +295,11 @@ def test_n4_corrects_exactly_the_modalities_named():
 def test_cache_key_holds_n4_modalities_only_with_n4(cached_case):
     """Without N4 the modalities change nothing, so the entry is reused (and entries written
     before the setting existed stay valid); with N4 another choice rebuilds it."""
+    from tumorseg.preprocess import _read_meta
+
     case, _, cache, _ = cached_case
+    path = cache_path(cache, "c0")
+    assert "n4_modalities" not in _read_meta(path)["settings"]  # the key written before it existed
     assert not cached_preprocess(case, PreprocessSettings(n4_modalities=("flair",)), cache)[1]
     assert cached_preprocess(case, PreprocessSettings(n4=True, n4_shrink=2), cache)[1]
     path, rebuilt = cached_preprocess(
@@ -303,7 +307,7 @@ def test_cache_key_holds_n4_modalities_only_with_n4(cached_case):
     assert rebuilt and load_preprocessed(path).settings.n4_modalities == ("flair",)
 
 
-def test_preprocess_cli_n4_modalities(tmp_path):
+def test_preprocess_cli_n4_modalities(tmp_path, capsys):
     from tumorseg.cli import main
 
     write_phantom(make_phantom((32, 40, 24), seed=3, case_id="c0"), tmp_path / "data", "brats2017")
@@ -314,5 +318,32 @@ def test_preprocess_cli_n4_modalities(tmp_path):
     assert n4.settings.n4 and n4.settings.n4_modalities == ("flair",)
     np.testing.assert_array_equal(n4.image[:3], plain.image[:3])
     assert not np.array_equal(n4.image[3], plain.image[3])
-    assert main(["preprocess", "-i", str(tmp_path / "data"), "-o", str(tmp_path / "x"),
-                 "--n4", "--n4-modalities", "t1ce"]) == 2
+    for bad in (["--n4", "--n4-modalities", "t1ce"], ["--n4", "--n4-modalities", "t1", "t1"],
+                ["--n4-modalities", "flair"]):
+        assert main(["preprocess", "-i", str(tmp_path / "data"), "-o", str(tmp_path / "x"),
+                     "--no-progress", *bad]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-2:] == [
+        "tumorseg: error: --n4-modalities: n4_modalities must be distinct names among ('t1', "
+        "'t1c', 't2', 'flair'), got ('t1', 't1')",
+        "tumorseg: error: --n4-modalities: names what --n4 corrects: add --n4"], err
+
+
+def test_n4_fits_on_the_brains_box(monkeypatch):
+    """N4 sees the cropped box (every voxel it corrects), not the whole volume."""
+    from tumorseg import preprocess
+
+    seen = []
+
+    def spy(vol, mask, shrink, iterations):
+        seen.append((vol.shape, mask.copy()))
+        return vol
+
+    monkeypatch.setattr(preprocess, "n4_correct", spy)
+    ph = make_phantom((32, 40, 24), seed=0)
+    image = np.stack([ph.images[m] for m in ("t1", "t1c", "t2", "flair")])
+    pre = preprocess_arrays(image, None, PreprocessSettings(n4=True, margin=2))
+    assert len(seen) == 2  # T1 and T1c
+    for shape, mask in seen:
+        assert shape == pre.mask.shape and shape != image.shape[1:]
+        np.testing.assert_array_equal(mask, pre.mask)

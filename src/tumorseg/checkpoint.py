@@ -60,8 +60,11 @@ def check_first_stage_preprocess(where: str | Path, first: dict | None,
         a, b = PreprocessSettings.from_dict(first), PreprocessSettings.from_dict(cascade)
     except (TumorsegInputError, TypeError) as exc:
         raise TumorsegInputError(where, f"unreadable preprocessing settings: {exc}") from None
+    # N4's own settings change nothing while neither side corrects.
+    ignore = () if a.n4 or b.n4 else ("n4_shrink", "n4_iterations", "n4_modalities")
     differ = [f"{f.name} {getattr(a, f.name)} vs {getattr(b, f.name)}"
-              for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(b, f.name)]
+              for f in dataclasses.fields(a)
+              if f.name not in ignore and getattr(a, f.name) != getattr(b, f.name)]
     if differ:
         raise TumorsegInputError(where, "a cascade's first stage must be trained with the "
                                         "cascade's preprocessing; first stage vs cascade: "

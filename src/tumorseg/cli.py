@@ -56,8 +56,13 @@ def cmd_preprocess(args) -> int:
 
     errors: list = []
     cases = find_cases(args.input, layout=args.layout, labels=args.labels, errors=errors)
-    settings = PreprocessSettings(n4=args.n4, n4_modalities=tuple(args.n4_modalities),
-                                  margin=args.margin)
+    if args.n4_modalities and not args.n4:
+        raise TumorsegInputError("--n4-modalities", "names what --n4 corrects: add --n4")
+    try:
+        chosen = {"n4_modalities": tuple(args.n4_modalities)} if args.n4_modalities else {}
+        settings = PreprocessSettings(n4=args.n4, margin=args.margin, **chosen)
+    except ValueError as exc:
+        raise TumorsegInputError("--n4-modalities", str(exc)) from None
     done, failed = preprocess_dataset(cases, settings, args.output, workers=args.workers,
                                       progress=_progress(args))
     failed = [(str(w), str(e)) for w, e in errors] + failed
@@ -319,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n4", action="store_true", help="N4 bias correction (of T1 and T1c, as the "
                    "paper, unless --n4-modalities names others)")
     p.add_argument("--n4-modalities", nargs="+", choices=("t1", "t1c", "t2", "flair"),
-                   default=["t1", "t1c"], metavar="MODALITY",
+                   metavar="MODALITY",
                    help="the modalities --n4 corrects: t1 t1c t2 flair (default: t1 t1c)")
     p.add_argument("--margin", type=_nonnegative_int, default=8, help="voxels kept around the brain box")
     p.add_argument("--workers", type=int, default=2, help="processes")

@@ -1,17 +1,16 @@
-"""Havaei preprocessing: brain mask, N4 (optional), percentile clipping, z-score, crop.
+"""Havaei preprocessing: brain mask, crop, N4 (optional), percentile clipping, z-score.
 
 The order, and why:
 1. brain mask = voxels that are non-zero in any modality (BraTS volumes are skull-stripped,
    background is exactly 0);
-2. N4 bias correction (optional; the paper corrects T1 and T1c, `n4_modalities` chooses): the
-   bias is multiplicative on raw intensities, so it is removed before anything rescales them.
-   It fits on the brain's box (step 5's crop: every voxel it corrects, and a smaller image to
-   fit than the whole volume);
-3. clip each modality at its 1st and 99th percentile inside the mask, so that a few extreme
-   voxels (e.g. saturated scanners) do not dominate the statistics of step 4;
-4. z-score each modality inside the mask, background set to 0 (the padding value the network
-   sees outside the volume);
-5. crop to the mask's bounding box plus a margin; the CropRecord undoes it exactly.
+2. crop to the mask's bounding box plus a margin (the CropRecord undoes it exactly): every
+   later step needs only the brain, and N4 fits a smaller image;
+3. N4 bias correction (optional; the paper corrects T1 and T1c, `n4_modalities` chooses): the
+   bias is multiplicative on raw intensities, so it is removed before anything rescales them;
+4. clip each modality at its 1st and 99th percentile inside the mask, so that a few extreme
+   voxels (e.g. saturated scanners) do not dominate the statistics of step 5;
+5. z-score each modality inside the mask, background set to 0 (the padding value the network
+   sees outside the volume).
 
 Results are cached as .npz files, written atomically. An entry's key (`_meta`, stored in it)
 holds everything that changes its arrays: PREPROCESS_VERSION (bumped with the code), the
@@ -220,7 +219,9 @@ def _meta(case, settings: PreprocessSettings) -> dict:
     cached arrays depend on, in the form it takes on disk."""
     conv = get_convention(case.convention)
     key = settings.to_dict()
-    if not settings.n4:  # a newer key that changes nothing without N4: older entries stay valid
+    # n4_modalities changes nothing without N4, so entries older than it stay valid; with N4 it
+    # is in the key, so N4 entries from before it (fitted on the whole volume) are rebuilt.
+    if not settings.n4:
         del key["n4_modalities"]
     meta = {"version": PREPROCESS_VERSION, "case_id": case.case_id, "settings": key,
             # the table, not only the name: a corrected table must rebuild the labels

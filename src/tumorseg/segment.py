@@ -551,9 +551,9 @@ def _prefetched(todo: Sequence[Case], meta: dict, pool):
         if pool is None:
             yield case, (lambda c=case: c)
             continue
-        future = pending
+        box = [pending]  # one-shot: once taken, nothing here keeps the prepared case alive
         pending = pool.submit(prepare_case, todo[i + 1], meta) if i + 1 < len(todo) else None
-        yield case, future.result
+        yield case, (lambda box=box: box.pop().result())
 
 
 def _segment_one(model, meta: dict, case: Case, get, out_dir: Path,
