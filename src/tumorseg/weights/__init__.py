@@ -20,9 +20,9 @@ import torch
 from tumorseg.errors import TumorsegInputError
 
 RELEASED = ("input_cascade", "two_path")
-# The paper's best model is input_cascade, but ours is not cross-validated as better than two_path
-# (the hidden check scored them 0.704 vs 0.701 mean Dice) at 2.6x the time (docs/MODEL_CARD.md),
-# so the default is two_path.
+# The paper's best model is input_cascade. Ours beat two_path on two cross-validation folds of
+# four so far (10 of 12 cases), at 2.4x the time per case (docs/MODEL_CARD.md); the default
+# follows the full cross-validation, so it stays two_path until folds 2-3 are in.
 DEFAULT = "two_path"
 WEIGHTS_DIR = Path(__file__).parent
 INDEX = "index.json"
