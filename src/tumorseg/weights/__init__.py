@@ -20,9 +20,9 @@ import torch
 from tumorseg.errors import TumorsegInputError
 
 RELEASED = ("input_cascade", "two_path")
-# The paper's best model is input_cascade. Ours beat two_path on two cross-validation folds of
-# four so far (10 of 12 cases), at 2.4x the time per case (docs/MODEL_CARD.md); the default
-# follows the full cross-validation, so it stays two_path until folds 2-3 are in.
+# The paper's best model is input_cascade. Ours beat two_path on three cross-validation folds
+# of four so far (16 of 18 cases), at 2.4x the time per case (docs/MODEL_CARD.md); the default
+# follows the full cross-validation, so it stays two_path until fold 3 is in.
 DEFAULT = "two_path"
 WEIGHTS_DIR = Path(__file__).parent
 INDEX = "index.json"
