@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from tumorseg.datasets import find_cases, load_case
+from tumorseg.datasets import MODALITIES, find_cases, load_case
 from tumorseg.preprocess import bounding_box, brain_mask, n4_correct
 
 (case,) = find_cases(sys.argv[1] if len(sys.argv) > 1 else "../shared/data/brats2018/Brats18_2013_11_1")
@@ -19,7 +19,7 @@ crop = bounding_box(mask, 8)
 inside = crop.crop(mask)
 out = {"case": case.case_id, "box": list(inside.shape), "seconds": {}}
 for shrink in (8, 4):
-    for c, name in enumerate(("t1", "t1c", "t2", "flair")):
+    for c, name in enumerate(MODALITIES):
         vol = crop.crop(img[c]).astype(np.float32)
         ts = []
         for _ in range(3):

@@ -14,6 +14,7 @@ import json
 import sys
 from pathlib import Path
 
+from tumorseg.datasets import MODALITIES
 from tumorseg.errors import Interrupted, TumorsegInputError
 from tumorseg.postprocess import PostprocessConfig
 
@@ -323,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="cache folder")
     p.add_argument("--n4", action="store_true", help="N4 bias correction (of T1 and T1c, as the "
                    "paper, unless --n4-modalities names others)")
-    p.add_argument("--n4-modalities", nargs="+", choices=("t1", "t1c", "t2", "flair"),
+    p.add_argument("--n4-modalities", nargs="+", choices=MODALITIES,
                    metavar="MODALITY",
                    help="the modalities --n4 corrects: t1 t1c t2 flair (default: t1 t1c)")
     p.add_argument("--margin", type=_nonnegative_int, default=8, help="voxels kept around the brain box")
