@@ -319,6 +319,19 @@ def test_planner_prefers_the_reference_within_the_margin_and_persists(tmp_path):
         "k1": "ref", "k2": "fast"}
 
 
+def test_cpu_name_tells_generations_that_share_a_model_name_apart(tmp_path):
+    def name(text: str) -> str:
+        (tmp_path / "cpuinfo").write_text(text)
+        return fastconv.cpu_name(tmp_path / "cpuinfo")
+
+    block = "processor\t: {p}\nvendor_id\t: AuthenticAMD\ncpu family\t: {f}\nmodel\t\t: {m}\n" \
+            "model name\t: AMD EPYC\nflags\t\t: fpu sse\n\n"
+    zen3 = name(block.format(p=0, f=25, m=1) + block.format(p=1, f=99, m=99))
+    assert zen3 == "AMD EPYC (cpu family 25, model 1)"  # the first processor's numbers
+    assert name(block.format(p=0, f=26, m=2)) == "AMD EPYC (cpu family 26, model 2)"
+    assert name("processor\t: 0\nmodel name\t: Neoverse-N1\n") == "Neoverse-N1"
+
+
 def test_plain_mode_is_the_direct_path_and_options_are_validated():
     model = build_model("two_path").eval()
     x = _rand(2, 4, 50, 47, dtype=torch.float32)

@@ -717,12 +717,22 @@ def _seconds(run: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
-def cpu_name() -> str:
-    """The CPU model as /proc/cpuinfo names it (else platform.processor())."""
+def cpu_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU model as /proc/cpuinfo names it, with its family and model numbers (VMs often
+    name every generation alike, e.g. "AMD EPYC", and their fastest layers differ); else
+    platform.processor()."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        fields: dict[str, str] = {}
+        for line in cpuinfo.read_text().splitlines():
+            key, sep, value = line.partition(":")
+            if not sep:
+                if fields:
+                    break  # the first processor's block is enough
+                continue
+            fields.setdefault(key.strip(), value.strip())
+        if "model name" in fields:
+            ids = [f"{k} {fields[k]}" for k in ("cpu family", "model") if k in fields]
+            return fields["model name"] + (f" ({', '.join(ids)})" if ids else "")
     except OSError:
         pass
     return platform.processor() or "cpu"
