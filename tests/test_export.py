@@ -8,6 +8,7 @@ these tests fail, not skip, without them.
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 from pathlib import Path
@@ -179,6 +180,7 @@ def test_released_model_matches_pytorch_on_a_real_case(shared_data, tmp_path, na
     case = find_cases(shared_data)[0]
     pre = prepare_case(case, meta).pre  # the model's own preprocessing, as segment runs it
     boxes = slice_boxes(pre.mask)
+    exact_model = copy.deepcopy(model).double().eval()
     # Two slice sizes: the largest size that two boxes share (one batch of 2; boxes come
     # sorted by size) and a box of another size (a batch of 1).
     pair = next([a, b] for a, b in zip(boxes, boxes[1:]) if (a.sx, a.sy) == (b.sx, b.sy))
@@ -198,10 +200,22 @@ def test_released_model_matches_pytorch_on_a_real_case(shared_data, tmp_path, na
         assert got.shape == want.shape == (len(batch), 5, batch[0].sx, batch[0].sy)
         err = np.abs(got - want).max()
         scale = np.abs(want).max()
-        # Both sides are direct fp32 convolutions, summed in different orders (observed 1.5e-5
-        # on two_path's logits up to 34): the 1e-4 absolute holds.
-        assert err < 1e-4, \
+        # Both sides are direct fp32 convolutions summed in different orders: 1.5e-5 apart on
+        # an AVX-512 Xeon (logits up to 34), but oneDNN's fp32 on an AVX2-only Zen 3 is itself
+        # up to ~5e-4 off the exact logits. So the whole box is held to 1e-3 (a wrong margin or
+        # layout is O(1)) and the 1e-4 is checked against exact float64 logits below.
+        assert err < 1e-3 * max(1.0, scale / 20), \
             f"{name} {x.shape}: max |onnxruntime - torch| = {err:.2e} (logits up to {scale:.1f})"
-        p_err = np.abs(torch.softmax(torch.from_numpy(got), 1).numpy()
-                       - torch.softmax(torch.from_numpy(want), 1).numpy()).max()
-        assert p_err < 1e-5, f"{name}: max |probabilities onnxruntime - torch| = {p_err:.2e}"
+        for i, b in enumerate(batch):  # a 32 x 32 window at the box's centre, in float64
+            u, v = b.sx // 2 - 16, b.sy // 2 - 16
+            window = padded[i:i + 1, :, b.x0 + u:b.x0 + u + 32 + rf - 1,
+                            b.y0 + v:b.y0 + v + 32 + rf - 1]
+            with fastconv.options(mode="plain"), torch.no_grad():
+                exact = exact_model(torch.from_numpy(window.astype(np.float64)))[0].numpy()
+            near = got[i, :, u:u + 32, v:v + 32]
+            w_err = np.abs(near - exact).max()
+            assert w_err < 1e-4 * max(1.0, np.abs(exact).max() / 20), \
+                f"{name}: max |onnxruntime - exact| = {w_err:.2e} on slice {b.z}"
+            p_err = np.abs(torch.softmax(torch.from_numpy(near.astype(np.float64)), 0).numpy()
+                           - torch.softmax(torch.from_numpy(exact), 0).numpy()).max()
+            assert p_err < 1e-5, f"{name}: max |probabilities onnxruntime - exact| = {p_err:.2e}"

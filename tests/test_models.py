@@ -129,7 +129,9 @@ def assert_dense_equals_patches(model, image, n_random=200, seed=0):
     dense_at = torch.stack([dense[:, i, j] for i, j in pixels])
     diff = (dense_at - patch_out).abs()
     worst = int(diff.max(1).values.argmax())
-    assert torch.allclose(dense_at, patch_out, rtol=1e-4, atol=1e-5), (
+    # fp32 sums in another order on each side: up to 1.25e-5 apart on AVX2-only CPUs (AMD Zen 3,
+    # mf_cascade, outputs up to 0.6); a window or indexing mistake is O(0.1).
+    assert torch.allclose(dense_at, patch_out, rtol=1e-4, atol=5e-5), (
         f"dense != patch: largest difference {diff.max().item():.3g} at pixel {pixels[worst]} "
         f"(dense {dense_at[worst].tolist()}, patch {patch_out[worst].tolist()})")
     return len(pixels)
