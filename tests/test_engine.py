@@ -21,7 +21,7 @@ from tumorseg import weights
 from tumorseg.datasets import find_cases, load_case
 from tumorseg.infer import _argmax_classes, predict_labels, predict_volume, slice_boxes
 from tumorseg.labels import CANONICAL_REGIONS
-from tumorseg.models import build_model, dense_logits, fastconv
+from tumorseg.models import build_model, fastconv
 from tumorseg.preprocess import PreprocessSettings, preprocess_case
 
 REPO = Path(__file__).resolve().parents[1]
@@ -423,9 +423,9 @@ def test_fp32_logits_equal_the_plain_path_on_a_real_case(shared_data, name):
 
     The plain fp32 path is not the yardstick: its own rounding depends on the CPU (oneDNN's
     fp32 convolutions on an AVX2-only Zen 3 are 2.5-4.6e-4 off the float64 logits where the
-    engine, with its FFT output layer, is about 1e-5 off), so the issue's "within 1e-4 of the plain path" is checked as
-    "within 1e-4 of the exact logits, and no further from the plain fp32 path than that path's
-    own error plus the same bound"."""
+    engine, with its FFT output layer, is about 1e-5 off), so the issue's "within 1e-4 of the
+    plain path" is checked as "within 1e-4 of the exact logits, and no further from the plain
+    fp32 path than that path's own error plus the same bound"."""
     model, _ = weights.resolve_model(name)
     _, pre = _real_case(shared_data)
     rf = model.receptive_field
