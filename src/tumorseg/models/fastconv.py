@@ -503,8 +503,8 @@ def _rfft2_chunked(xs: Sequence[torch.Tensor], nh: int, nw: int) -> torch.Tensor
     """rfft2 of the channel concatenation of xs ([B, C_i, H, W] each) zero-padded to (nh, nw):
     complex [B, C, nh, nw // 2 + 1] (a view of [C, B, ...] storage), a few channels at a time,
     so that no padded real copy of every channel (as large as the spectrum itself) is alive
-    beside it. Each channel's
-    transform is independent: the same values as one rfft2 of the whole padded input."""
+    beside it. Each channel's transform is independent: the same values as one rfft2 of the
+    whole padded input."""
     b = xs[0].shape[0]
     # Channel-major storage: each chunk's transform is written in place (out=) instead of
     # being copied into a batch-major buffer, 1.4x faster; the caller gets a [B, C] view.
