@@ -3,8 +3,9 @@
     python scripts/oof_probabilities.py --run RUN          # once: RUN/oof/<case>.npz
     python scripts/tune_postprocess.py --oof RUN/oof [--out tuning.json]
 
-A candidate is (class weights multiplying the probabilities before the argmax, min_component
-voxels, min_core voxels a kept component must hold, min_enhancing voxels); see
+A candidate is (class weights multiplying the probabilities before the argmax, the largest
+distance (mm) oedema may lie from the core (0: any), min_component voxels, min_core voxels a
+kept component must hold, min_enhancing voxels); see
 tumorseg.postprocess for the rules. Every candidate is scored on every case (Dice of whole,
 core and enhancing; empty vs empty = 1). Reported:
 - the default (no weights, the package's default post-processing): the plain CV figure;
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tumorseg.postprocess import PostprocessConfig, postprocess
+from tumorseg.postprocess import PostprocessConfig, distance_to_core, postprocess
 
 REGIONS = {"whole": (1, 2, 3, 4), "core": (1, 3, 4), "enhancing": (4,)}
 WEIGHTS = {  # canonical classes 0 other, 1 necrosis, 2 oedema, 4 enhancing (3 absent in 2018)
@@ -32,6 +33,7 @@ WEIGHTS = {  # canonical classes 0 other, 1 necrosis, 2 oedema, 4 enhancing (3 a
     "w2": (0.7, 1.0, 1.4),
     "w4": (1.0, 1.5),
 }
+DISTANCES = (0, 20, 30, 45)  # mm; 0 = rule off
 COMPONENTS = (0, 3000, 10000, 20000)
 CORE = (0, 1, 500)
 ENHANCING = (0, 500)
@@ -58,10 +60,9 @@ def score_case(path: Path) -> tuple[int, dict[tuple, list[float]]]:
     Only voxels that some weighting can label tumour (max_k w_k p_k > min w0 * p0), or that
     are tumour in the reference, are handled; every other voxel is 0 in every candidate, and
     enters the Dice through a fixed histogram."""
-    import cc3d
-
     with np.load(path) as z:
         probs, ref, mask, fold = z["probs"], z["label"], z["mask"], int(z["fold"])
+        spacing = tuple(float(v) for v in z["spacing"])
     shape = ref.shape
     flat = probs.reshape(-1, 5).astype(np.float32)
     top = max(max(v) for k, v in WEIGHTS.items() if k != "w0")
@@ -78,31 +79,51 @@ def score_case(path: Path) -> tuple[int, dict[tuple, list[float]]]:
         w = np.array([w0, w1, w2, 1.0, w4], np.float32)
         lab = np.argmax(P * w, axis=-1).astype(np.uint8)
         lab[~inside] = 0
-        full[idx] = lab > 0  # binary: cc3d splits different values into different components
-        cc, n = cc3d.connected_components(full.reshape(shape), connectivity=26, return_N=True)
-        ccc = cc.ravel()[idx]
-        sizes = np.bincount(ccc, minlength=n + 1)
-        core = np.bincount(ccc[np.isin(lab, REGIONS["core"])], minlength=n + 1)
-        sizes[0] = 0
-        for comp, min_core in itertools.product(COMPONENTS, CORE):
-            keep = (sizes >= comp) & (core >= min_core)
-            if n:
-                keep[int(np.argmax(sizes))] = True
-            keep[0] = False
-            kept = np.where(keep[ccc], lab, 0).astype(np.uint8)
-            n_enh = int(np.count_nonzero(kept == 4))
-            for enh in ENHANCING:
-                final = kept
-                if 0 < n_enh < enh:
-                    final = kept.copy()
-                    final[final == 4] = 1
-                scores[(w0, w1, w2, w4, comp, min_core, enh)] = region_dice(final, R, extra)
+        full[idx] = lab
+        dist = distance_to_core(full.reshape(shape), spacing)
         full[idx] = 0
+        for dmax in DISTANCES:
+            lab_d = lab
+            if dmax and dist is not None:
+                lab_d = lab.copy()
+                lab_d[(lab == 2) & (dist.ravel()[idx] > dmax)] = 0
+            for k, dice in _rules_1_2(lab_d, idx, shape, full, R, extra).items():
+                scores[(w0, w1, w2, w4, dmax, *k)] = dice
     # The package's own pipeline as the control (must equal the plain CV numbers).
     lab = np.argmax(probs, axis=-1).astype(np.uint8)
     lab[~mask] = 0
     scores[("default",)] = region_dice(postprocess(lab, PostprocessConfig()), ref)
     return fold, scores
+
+
+def _rules_1_2(lab: np.ndarray, idx: np.ndarray, shape: tuple, full: np.ndarray, R: np.ndarray,
+               extra: np.ndarray) -> dict[tuple, list[float]]:
+    """Dice of every (min_component, min_core, min_enhancing) on the candidate voxels' labels
+    `lab` (rules 1 and 2 of tumorseg.postprocess; `full`: a zero scratch of the volume)."""
+    import cc3d
+
+    full[idx] = lab > 0  # binary: cc3d splits different values into different components
+    cc, n = cc3d.connected_components(full.reshape(shape), connectivity=26, return_N=True)
+    full[idx] = 0
+    ccc = cc.ravel()[idx]
+    sizes = np.bincount(ccc, minlength=n + 1)
+    core = np.bincount(ccc[np.isin(lab, REGIONS["core"])], minlength=n + 1)
+    sizes[0] = 0
+    out = {}
+    for comp, min_core in itertools.product(COMPONENTS, CORE):
+        keep = (sizes >= comp) & (core >= min_core)
+        if n:
+            keep[int(np.argmax(sizes))] = True
+        keep[0] = False
+        kept = np.where(keep[ccc], lab, 0).astype(np.uint8)
+        n_enh = int(np.count_nonzero(kept == 4))
+        for enh in ENHANCING:
+            final = kept
+            if 0 < n_enh < enh:
+                final = kept.copy()
+                final[final == 4] = 1
+            out[(comp, min_core, enh)] = region_dice(final, R, extra)
+    return out
 
 
 def pooled(rows: list[list[float]]) -> dict:
@@ -137,8 +158,8 @@ def main() -> None:
         nested_rows += [per_case[i][1][k] for i in outer]
     ids = list(per_case)
     best = best_over(ids)
-    names = ["w0", "w1", "w2", "w4", "min_component_voxels", "min_core_voxels",
-             "min_enhancing_voxels"]
+    names = ["w0", "w1", "w2", "w4", "max_oedema_distance_mm", "min_component_voxels",
+             "min_core_voxels", "min_enhancing_voxels"]
     result = {
         "cases": len(ids),
         "default": pooled([per_case[i][1][("default",)] for i in ids]),

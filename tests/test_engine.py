@@ -89,6 +89,47 @@ def test_fft_convolution_equals_conv2d(shape, kernel):
         assert torch.allclose(fastconv.conv_fft(parts, w, b), out, atol=1e-6)
 
 
+@pytest.mark.parametrize("shape, kernel", [((2, 4, 40, 37), (13, 13)), ((1, 9, 33, 30), (7, 5)),
+                                            ((3, 2, 21, 25), (4, 9)), ((1, 3, 8, 8), (8, 1))])
+def test_height_fft_convolution_equals_exact_conv2d(shape, kernel):
+    """conv_fft_h against the float64 convolution (an independent computation): float32
+    rounding only, with and without bias, for a list of inputs as for their concatenation;
+    its output is a strided view that later layers (maxout's view) accept."""
+    x = _rand(*shape)
+    w = _rand(6, shape[1], *kernel, seed=1) * 0.1
+    b = _rand(6, seed=2)
+    with torch.no_grad():
+        for bias in (b, None):
+            ref = F.conv2d(x, w, bias)
+            out = fastconv.conv_fft_h(x.float(), w.float(), None if bias is None else b.float())
+            assert out.shape == ref.shape and out.dtype == torch.float32
+            err = (out.double() - ref).abs().max().item()
+            assert err < 2e-6 * max(1.0, ref.abs().max().item()), err
+        parts = list(x.float().split([1, shape[1] - 1], 1))
+        assert torch.equal(fastconv.conv_fft_h(parts, w.float(), b.float()),
+                           fastconv.conv_fft_h(x.float(), w.float(), b.float()))
+        assert torch.equal(fastconv.maxout(out, 2), out.contiguous().view(
+            shape[0], 3, 2, *out.shape[2:]).amax(2))
+
+
+def test_height_fft_convolution_is_inference_only_and_its_spectra_follow_the_weight():
+    import gc
+
+    x = _rand(1, 4, 30, 26, dtype=torch.float32)
+    w = _rand(8, 4, 9, 9, dtype=torch.float32, seed=1)
+    with torch.no_grad():
+        assert torch.allclose(fastconv.conv_fft_h(x, w, None), F.conv2d(x, w), atol=1e-4)
+        w.mul_(-2)  # changed in place: the cached spectrum must not be reused
+        assert torch.allclose(fastconv.conv_fft_h(x, w, None), F.conv2d(x, w), atol=1e-4)
+    owner = id(w)
+    assert owner in fastconv._spectra_h.items
+    del w
+    gc.collect()
+    assert owner not in fastconv._spectra_h.items
+    with pytest.raises(RuntimeError, match="without autograd"):
+        fastconv.conv_fft_h(x, _rand(8, 4, 9, 9, dtype=torch.float32).requires_grad_(), None)
+
+
 def test_chunked_input_spectrum_is_bitwise_the_padded_whole(monkeypatch):
     """conv_fft's no-grad path transforms a few channels at a time (memory); each channel's
     rfft2 is independent, so the spectrum must equal one rfft2 of the zero-padded concatenation
@@ -504,3 +545,30 @@ def test_spectrum_cache_survives_a_weight_collected_while_it_computes():
     worker.join(timeout=30)
     assert not worker.is_alive(), "deadlock: _drop waited for the lock its own thread held"
     assert result["spectrum"] is not None and len(cache.items) == 1
+
+
+def test_height_fft_inverse_in_threads_equals_one_transform_and_survives_fork():
+    """_irfft_rows splits the columns over threads, each writing its part into the output:
+    bitwise the single-threaded transform; a forked child (its pool's threads do not exist
+    there) gets a fresh pool instead of hanging."""
+    import multiprocessing
+
+    rng = np.random.default_rng(0)
+    src = rng.standard_normal((9, 7, 5)) + 1j * rng.standard_normal((9, 7, 5))
+    src = src.astype(np.complex64)
+    one = np.fft.irfft(src, n=16, axis=0)
+    torch.set_num_threads(2)
+    dst = np.full((16, 7, 5), np.nan, np.float32)
+    fastconv._irfft_rows(src, dst, 16)
+    assert np.array_equal(dst, one)
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        child = pool.apply_async(_irfft_in_child, (src,)).get(timeout=60)
+    assert np.array_equal(child, one)
+
+
+def _irfft_in_child(src):
+    torch.set_num_threads(2)
+    dst = np.empty((16,) + src.shape[1:], np.float32)
+    fastconv._irfft_rows(src, dst, 16)
+    return dst

@@ -102,8 +102,8 @@ def test_disabled_and_empty_are_identity():
 
 def test_defaults_documented_and_validated():
     cfg = PostprocessConfig()
-    assert (cfg.enabled, cfg.min_component_mm3, cfg.keep_largest,
-            cfg.min_enhancing_mm3) == (True, 10000, True, 500)
+    assert (cfg.enabled, cfg.min_component_mm3, cfg.keep_largest, cfg.min_enhancing_mm3,
+            cfg.max_oedema_distance_mm) == (True, 10000, True, 500, 0)
     for bad in (-1, float("nan"), float("inf"), True, "10"):
         with pytest.raises(ValueError, match="min_component_mm3"):
             PostprocessConfig(min_component_mm3=bad)
@@ -134,3 +134,38 @@ def test_thresholds_are_volumes_on_anisotropic_grids():
                         half) == 4).sum() == 2
     assert (postprocess(pred, PostprocessConfig(min_component_mm3=0, min_enhancing_mm3=1.01),
                         half) == 4).sum() == 0
+
+
+def test_oedema_far_from_core_removed_exactly_on_anisotropic_grids():
+    """Rule 0 against a brute-force distance: random label maps, every oedema voxel farther
+    than D mm (spacing-scaled Euclidean) from every core voxel becomes 0, nothing else moves."""
+    rng = np.random.default_rng(3)
+    for spacing, limit in (((1.0, 1.0, 1.0), 3.0), ((1.0, 2.0, 0.5), 2.5), ((2.0, 2.0, 2.0), 4.0)):
+        pred = rng.choice(np.array([0, 1, 2, 4], np.uint8), size=(9, 8, 7),
+                          p=[0.5, 0.02, 0.46, 0.02])
+        cfg = PostprocessConfig(min_component_mm3=0, min_enhancing_mm3=0,
+                                max_oedema_distance_mm=limit)
+        coords = np.stack(np.indices(pred.shape), -1).reshape(-1, 3) * np.asarray(spacing)
+        core = coords[np.isin(pred.ravel(), (1, 3, 4))]
+        assert len(core)
+        nearest = np.sqrt(((coords[:, None] - core[None]) ** 2).sum(-1)).min(1).reshape(pred.shape)
+        expected = pred.copy()
+        expected[(pred == 2) & (nearest > limit)] = 0
+        assert (expected != pred).any() and ((pred == 2) & (nearest <= limit)).any()
+        np.testing.assert_array_equal(postprocess(pred, cfg, spacing), expected)
+
+
+def test_oedema_distance_rule_boundary_and_no_core():
+    pred = _blank((12, 3, 3))
+    pred[:, 1, 1] = 2
+    pred[0, 1, 1] = 1
+    cfg = PostprocessConfig(min_component_mm3=0, max_oedema_distance_mm=5)
+    out = postprocess(pred, cfg)
+    np.testing.assert_array_equal(out[:, 1, 1], [1, 2, 2, 2, 2, 2, 0, 0, 0, 0, 0, 0])  # 5 mm stays
+    only_oedema = pred.copy()
+    only_oedema[0, 1, 1] = 2  # no core: an LGG called oedema keeps its whole tumour
+    np.testing.assert_array_equal(postprocess(only_oedema, cfg), only_oedema)
+    np.testing.assert_array_equal(postprocess(pred, PostprocessConfig(min_component_mm3=0)), pred)
+    for bad in (-1, float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match="max_oedema_distance_mm must be a distance"):
+            PostprocessConfig(max_oedema_distance_mm=bad)

@@ -1,8 +1,16 @@
 """Post-processing of a predicted label map in canonical classes (see tumorseg.labels).
 
-Two rules, applied in this order. Havaei et al. (2017) clean their predictions with connected
+Three rules, applied in this order. Havaei et al. (2017) clean their predictions with connected
 components but give no threshold and no enhancing-tumour rule; both rules below are common
 BraTS practice, and their thresholds are parameters:
+
+0. Oedema far from the core. With `max_oedema_distance_mm` > 0, oedema voxels (class 2)
+   farther than that (Euclidean, mm) from every predicted core voxel (classes 1, 3, 4) become 0;
+   a prediction without core is left as it is (a low-grade glioma whose core the model calls
+   oedema must not lose its whole tumour).
+   Why: the commonest failure on unseen cases (../shared/notes/accuracy-diagnosis.md) is
+   oedema over-segmented far from the tumour, often joined to it, so that rule 1 cannot
+   remove it. Default 0 (off): see docs/MODEL_CARD.md for the out-of-fold measurement.
 
 1. Small whole-tumour components are removed. The whole-tumour mask (classes 1-4) is split into
    3-D connected components with 26-connectivity (cc3d); every component smaller than
@@ -47,7 +55,7 @@ import numpy as np
 
 from tumorseg.labels import CANONICAL_REGIONS
 
-NECROSIS, ENHANCING = 1, 4
+NECROSIS, OEDEMA, ENHANCING = 1, 2, 4
 
 
 @dataclass(frozen=True)
@@ -58,13 +66,16 @@ class PostprocessConfig:
     min_component_mm3: float = 10000.0  # rule 1; 0 keeps every component
     keep_largest: bool = True  # rule 1 never removes the largest component
     min_enhancing_mm3: float = 500.0  # rule 2; 0 turns it off
+    max_oedema_distance_mm: float = 0.0  # rule 0; 0 turns it off
 
     def __post_init__(self) -> None:
-        for name in ("min_component_mm3", "min_enhancing_mm3"):
+        for name, what in (("min_component_mm3", "a volume >= 0 in mm^3"),
+                           ("min_enhancing_mm3", "a volume >= 0 in mm^3"),
+                           ("max_oedema_distance_mm", "a distance >= 0 in mm")):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) \
                     or not np.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a volume >= 0 in mm^3, got {value!r}")
+                raise ValueError(f"{name} must be {what}, got {value!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -108,13 +119,33 @@ def remove_small_components(mask: np.ndarray, min_voxels: int, keep_largest: boo
     return keep[components]
 
 
+def distance_to_core(labels: np.ndarray, spacing: Sequence[float] = (1.0, 1.0, 1.0)
+                     ) -> np.ndarray | None:
+    """(X, Y, Z) canonical classes -> (X, Y, Z) float distance (mm) of each voxel to the nearest
+    core voxel (classes 1, 3, 4), computed inside the whole tumour's bounding box only (every
+    core voxel lies in it; voxels outside get inf); None if there is no core."""
+    from scipy.ndimage import distance_transform_edt
+
+    core = np.isin(labels, CANONICAL_REGIONS["core"])
+    if not core.any():
+        return None
+    box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in np.nonzero(labels))
+    out = np.full(labels.shape, np.inf)
+    out[box] = distance_transform_edt(~core[box], sampling=tuple(float(s) for s in spacing))
+    return out
+
+
 def postprocess(pred: np.ndarray, cfg: PostprocessConfig = PostprocessConfig(),
                 spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> np.ndarray:
-    """Apply rules 1 and 2 (module docstring) to (X, Y, Z) canonical classes on a grid of
+    """Apply rules 0, 1 and 2 (module docstring) to (X, Y, Z) canonical classes on a grid of
     `spacing` mm; returns a new (X, Y, Z) uint8 array."""
     out = np.array(pred, dtype=np.uint8, copy=True)
     if not cfg.enabled:
         return out
+    if cfg.max_oedema_distance_mm > 0:
+        dist = distance_to_core(out, spacing)
+        if dist is not None:
+            out[(out == OEDEMA) & (dist > cfg.max_oedema_distance_mm)] = 0
     whole = np.isin(out, CANONICAL_REGIONS["whole"])
     kept = remove_small_components(whole, voxels(cfg.min_component_mm3, spacing),
                                    cfg.keep_largest)
