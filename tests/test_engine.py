@@ -91,10 +91,14 @@ def test_fft_convolution_equals_conv2d(shape, kernel):
 
 @pytest.mark.parametrize("shape, kernel", [((2, 4, 40, 37), (13, 13)), ((1, 9, 33, 30), (7, 5)),
                                             ((3, 2, 21, 25), (4, 9)), ((1, 3, 8, 8), (8, 1))])
-def test_height_fft_convolution_equals_exact_conv2d(shape, kernel):
+@pytest.mark.parametrize("chunk", [None, 1])
+def test_height_fft_convolution_equals_exact_conv2d(shape, kernel, chunk, monkeypatch):
     """conv_fft_h against the float64 convolution (an independent computation): float32
-    rounding only, with and without bias, for a list of inputs as for their concatenation;
-    its output is a strided view that later layers (maxout's view) accept."""
+    rounding only, with and without bias, for a list of inputs as for their concatenation,
+    in one step or one output column per step (chunk=1 byte); its output is a strided view
+    that later layers (maxout's view) accept."""
+    if chunk:
+        monkeypatch.setattr(fastconv, "FFT_H_CHUNK_BYTES", chunk)
     x = _rand(*shape)
     w = _rand(6, shape[1], *kernel, seed=1) * 0.1
     b = _rand(6, seed=2)
@@ -110,6 +114,10 @@ def test_height_fft_convolution_equals_exact_conv2d(shape, kernel):
                            fastconv.conv_fft_h(x.float(), w.float(), b.float()))
         assert torch.equal(fastconv.maxout(out, 2), out.contiguous().view(
             shape[0], 3, 2, *out.shape[2:]).amax(2))
+        for pieces in (2, 3):  # the max taken inside the output pass: the same values
+            assert torch.equal(fastconv.conv_fft_h(x.float(), w.float(), b.float(), pieces),
+                               fastconv.maxout(fastconv.conv_fft_h(x.float(), w.float(),
+                                                                   b.float()), pieces))
 
 
 def test_height_fft_convolution_is_inference_only_and_its_spectra_follow_the_weight():

@@ -381,6 +381,8 @@ def release_spectra() -> None:
     one stage's spectrum is alive at a time)."""
     with _spectra.lock:
         _spectra.items.clear()
+    with _spectra_h.lock:
+        _spectra_h.items.clear()
 
 
 def _irfft_valid(yf: torch.Tensor, nh: int, nw: int, rows: slice, cols: slice) -> torch.Tensor:
@@ -593,10 +595,12 @@ _spectra_h = _SpectraH()
 
 
 def conv_fft_h(x: torch.Tensor | Sequence[torch.Tensor], weight: torch.Tensor,
-               bias: torch.Tensor | None) -> torch.Tensor:
+               bias: torch.Tensor | None, pieces: int = 1) -> torch.Tensor:
     """Valid stride-1 conv2d by FFT along the height only, the l kernel columns summed
     directly (inference: no autograd): x [B, C, H, W] (or a list to concatenate), weight
-    [O, C, k, l] -> [B, O, H-k+1, W-l+1] (a strided view, maps innermost in memory).
+    [O, C, k, l] -> [B, O, H-k+1, W-l+1] (a strided view, maps innermost in memory); with
+    `pieces` K > 1 its maxout, [B, O/K, H-k+1, W-l+1], taken step by step while each step's
+    output is in cache (`conv2d_maxout`).
 
     For each height frequency the outputs are one real matrix product of the C*l shifted
     input columns with the kernel's spectrum ([nf, 2Cl, 2O], a few MB reused by every column):
@@ -619,19 +623,29 @@ def conv_fft_h(x: torch.Tensor | Sequence[torch.Tensor], weight: torch.Tensor,
     cols = xf.unfold(3, l, 1).permute(2, 0, 3, 1, 4).reshape(nf, n, c * l).contiguous()
     cols = torch.view_as_real(cols).view(nf, n, 2 * c * l)
     kernel = _spectra_h.get(weight, nh)
-    out = x.new_empty(nh, n, o)
-    # A few columns at a time through one product buffer, transformed straight into `out`:
-    # no allocation per step (in a reused heap, varying sizes fragment it and raise the RSS).
-    step = min(n, max(1, FFT_H_CHUNK_BYTES // (nh * o * x.element_size())))
-    buf = x.new_empty(nf * step * 2 * o)
+    ho, om = h - k + 1, o // pieces
+    # A few columns at a time through one product buffer, transformed straight into `out`
+    # (or, for maxout, into a scratch whose max over pieces goes to `out`): cache-sized steps,
+    # no allocation per step.
+    step = min(n, max(1, FFT_H_CHUNK_BYTES // (2 * nf * o * x.element_size())))
+    buf = x.new_empty(2 * nf * step * o)
+    out = x.new_empty(nh, n, o) if pieces == 1 else x.new_empty(ho, n, om)
+    scratch = None if pieces == 1 else x.new_empty(nh * step * o)
     for s in range(0, n, step):
         m = min(step, n - s)
         y = torch.bmm(cols[:, s:s + m], kernel, out=buf[:nf * m * 2 * o].view(nf, m, 2 * o))
         if bias is not None:
             y.view(nf, m, o, 2)[0, :, :, 0].add_(bias, alpha=nh)  # irfft divides by nh
-        _irfft_rows(torch.view_as_complex(y.view(nf, m, o, 2)).numpy(),
-                    out[:, s:s + m].numpy(), nh)
-    return out[k - 1:h].view(h - k + 1, b, wo, o).permute(1, 3, 0, 2)
+        dst = out[:, s:s + m] if pieces == 1 else scratch[:nh * m * o].view(nh, m, o)
+        _irfft_rows(torch.view_as_complex(y.view(nf, m, o, 2)).numpy(), dst.numpy(), nh)
+        if pieces == 2:  # channel c*K + k is piece k of map c
+            z = dst[k - 1:h].view(ho, m, om, 2)
+            torch.maximum(z[..., 0], z[..., 1], out=out[:, s:s + m])
+        elif pieces > 2:
+            torch.amax(dst[k - 1:h].view(ho, m, om, pieces), -1, out=out[:, s:s + m])
+    if pieces == 1:
+        out = out[k - 1:h]
+    return out.view(ho, b, wo, om).permute(1, 3, 0, 2)
 
 
 _POOL: dict = {}  # thread count -> ThreadPoolExecutor of `_irfft_rows`
@@ -902,10 +916,27 @@ def conv2d(x: torch.Tensor | Sequence[torch.Tensor], weight: torch.Tensor,
     along channels (the FFT path then skips the concatenation's copy); weight [O, C, k, l];
     bias [O] or None -> [B, O, H-k+1, W-l+1].
     """
+    return CONV_CANDIDATES[_conv_choice(x, weight, bias)](x, weight, bias)
+
+
+def conv2d_maxout(x: torch.Tensor | Sequence[torch.Tensor], weight: torch.Tensor,
+                  bias: torch.Tensor | None, pieces: int) -> torch.Tensor:
+    """maxout(conv2d(x, weight, bias), pieces): [B, C, H, W] -> [B, O/K, H-k+1, W-l+1]. Where
+    the engine chose "fft_h" the max is taken inside the convolution's output pass (half the
+    memory and one pass fewer); elsewhere the two run one after the other."""
+    choice = _conv_choice(x, weight, bias)
+    if choice == "fft_h":
+        return conv_fft_h(x, weight, bias, pieces)
+    return maxout(CONV_CANDIDATES[choice](x, weight, bias), pieces)
+
+
+def _conv_choice(x: torch.Tensor | Sequence[torch.Tensor], weight: torch.Tensor,
+                 bias: torch.Tensor | None) -> str:
+    """The CONV_CANDIDATES name the engine runs for this call site (measured once)."""
     opts = current()
     first = x if isinstance(x, torch.Tensor) else x[0]
     if opts.mode == "plain" or first.device.type != "cpu":
-        return conv_direct(x, weight, bias)
+        return "direct"
     xs = [x] if isinstance(x, torch.Tensor) else list(x)
     grad = _needs_grad(*xs, weight, bias)
     names = ["direct"]
@@ -916,13 +947,12 @@ def conv2d(x: torch.Tensor | Sequence[torch.Tensor], weight: torch.Tensor,
     if opts.precision == "bf16":
         names += ["direct_bf16", "bf16_cl"]
     if len(names) == 1:
-        return conv_direct(x, weight, bias)
+        return "direct"
     key = _key("conv", xs, weight.shape[1], tuple(weight.shape), grad) + \
         f"|{PRECISION_KEYS[opts.precision]}"
     # Training tiles are small: measure on the call's own input (forward and backward).
     args = (xs if grad else _probe_input(xs, 2 * weight.shape[-1]), weight, bias)
-    choice = planner.choose(key, {n: _probe(CONV_CANDIDATES[n], args, grad) for n in names})
-    return CONV_CANDIDATES[choice](x, weight, bias)
+    return planner.choose(key, {n: _probe(CONV_CANDIDATES[n], args, grad) for n in names})
 
 
 def _probe(fn: Callable, args: tuple, grad: bool) -> Callable[[], None]:
