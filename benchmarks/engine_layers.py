@@ -51,7 +51,8 @@ def measure(out_h: int, out_w: int, batch: int, grad: bool, repeats: int) -> dic
         w = torch.randn(cout, cin, k, k, generator=g) * 0.05
         b = torch.randn(cout, generator=g)
         hidden = cin not in (4, 9)  # the first layers' input is data: no gradient
-        names = ["direct"] + (["native"] if grad else []) + (["fft"] if k >= 7 else []) + \
+        ffts = ["fft"] if grad else ["fft", "fft_h"]  # fft_h: inference only
+        names = ["direct"] + (["native"] if grad else []) + (ffts if k >= 7 else []) + \
             ["direct_bf16", "bf16_cl"]
         times = {}
         for n in names:

@@ -120,20 +120,8 @@ def test_height_fft_convolution_equals_exact_conv2d(shape, kernel, chunk, monkey
                                                                    b.float()), pieces))
 
 
-def test_height_fft_convolution_is_inference_only_and_its_spectra_follow_the_weight():
-    import gc
-
+def test_height_fft_convolution_is_inference_only():
     x = _rand(1, 4, 30, 26, dtype=torch.float32)
-    w = _rand(8, 4, 9, 9, dtype=torch.float32, seed=1)
-    with torch.no_grad():
-        assert torch.allclose(fastconv.conv_fft_h(x, w, None), F.conv2d(x, w), atol=1e-4)
-        w.mul_(-2)  # changed in place: the cached spectrum must not be reused
-        assert torch.allclose(fastconv.conv_fft_h(x, w, None), F.conv2d(x, w), atol=1e-4)
-    owner = id(w)
-    assert owner in fastconv._spectra_h.items
-    del w
-    gc.collect()
-    assert owner not in fastconv._spectra_h.items
     with pytest.raises(RuntimeError, match="without autograd"):
         fastconv.conv_fft_h(x, _rand(8, 4, 9, 9, dtype=torch.float32).requires_grad_(), None)
 
@@ -167,20 +155,26 @@ def test_blocked_frequency_major_copy_is_the_permutation(monkeypatch):
                        fastconv._cmatmul(fastconv._freq_major(src), k_icols))
 
 
-def test_kernel_spectra_follow_the_weight_and_die_with_it():
+@pytest.mark.parametrize("conv, cache", [("conv_fft", "_spectra"), ("conv_fft_h", "_spectra_h")])
+def test_kernel_spectra_follow_the_weight_and_die_with_it(conv, cache):
     import gc
 
+    conv, cache = getattr(fastconv, conv), getattr(fastconv, cache)
     x = _rand(1, 6, 30, 26, dtype=torch.float32)
     w = _rand(3, 6, 9, 9, dtype=torch.float32, seed=1)
     with torch.no_grad():
-        assert torch.allclose(fastconv.conv_fft(x, w, None), F.conv2d(x, w), atol=1e-4)
+        assert torch.allclose(conv(x, w, None), F.conv2d(x, w), atol=1e-4)
         w.mul_(-2)  # changed in place: the cached spectrum must not be reused
-        assert torch.allclose(fastconv.conv_fft(x, w, None), F.conv2d(x, w), atol=1e-4)
-    assert id(w) in fastconv._spectra.items
-    owner = id(w)
-    del w
+        assert torch.allclose(conv(x, w, None), F.conv2d(x, w), atol=1e-4)
+        owner = id(w)
+        assert owner in cache.items
+        large = cache.items[owner][2]  # a smaller grid is written into the larger one's memory
+        assert torch.allclose(conv(x[..., :17, :15], w, None), F.conv2d(x[..., :17, :15], w),
+                              atol=1e-4)
+        assert cache.items[owner][2].data_ptr() == large.data_ptr()
+    del w, large
     gc.collect()
-    assert owner not in fastconv._spectra.items  # a later tensor with this id gets no stale entry
+    assert owner not in cache.items  # a later tensor with this id gets no stale entry
 
 
 def test_a_smaller_grid_reuses_the_spectrum_memory_and_gives_the_same_values():
@@ -531,9 +525,9 @@ def test_spectrum_cache_survives_a_weight_collected_while_it_computes():
     import gc
     import threading
 
-    from tumorseg.models.fastconv import _SpectrumCache
+    from tumorseg.models.fastconv import _icols_numel, _kernel_icols, _SpectrumCache
 
-    cache = _SpectrumCache()
+    cache = _SpectrumCache(_kernel_icols, _icols_numel)
     doomed = torch.randn(2, 3, 7, 7)
     cache.get(doomed, 16, 16)
     keeper = torch.randn(2, 3, 7, 7)

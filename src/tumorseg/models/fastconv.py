@@ -336,20 +336,22 @@ def _icols_numel(weight: torch.Tensor, nh: int, nw: int) -> int:
 
 
 class _SpectrumCache:
-    """The kernel spectrum (as `_icols`) of each weight at its last FFT grid, for no-grad calls:
-    inference visits batches grouped by size, so one grid per weight suffices (the two_path
-    head's is 176 MB for a 180 x 216 grid; a cascade keeps one per stage). Entries are tied to
-    the weight tensor itself (a weak reference, not its id, which a later tensor may reuse) and
-    dropped with it."""
+    """A kernel spectrum of each weight at its last grid, for no-grad calls: inference visits
+    batches grouped by size, so one grid per weight suffices (the two_path head's 2-D spectrum
+    is 176 MB for a 180 x 216 grid; a cascade keeps one per stage). Entries are tied to the
+    weight tensor itself (a weak reference, not its id, which a later tensor may reuse) and
+    dropped with it. `build(weight, *grid, storage)` computes a spectrum, into `storage` (the
+    previous one's memory) when given; `numel(weight, *grid)` is its size."""
 
-    def __init__(self):
+    def __init__(self, build: Callable[..., torch.Tensor], numel: Callable[..., int]):
+        self.build, self.numel = build, numel
         self.items: dict[int, tuple] = {}
         # Reentrant: a garbage collection while `get` holds the lock may free another weight
         # and run its weakref callback (`_drop`) in this very thread.
         self.lock = threading.RLock()
 
-    def get(self, weight: torch.Tensor, nh: int, nw: int) -> torch.Tensor:
-        key = (weight._version, weight.dtype, weight.device, nh, nw)
+    def get(self, weight: torch.Tensor, *grid: int) -> torch.Tensor:
+        key = (weight._version, weight.dtype, weight.device, *grid)
         with self.lock:
             held = self.items.get(id(weight))
             if held is None or held[0]() is not weight or held[1] != key:
@@ -360,11 +362,15 @@ class _SpectrumCache:
                 del old
                 owner = id(weight)
                 ref = weakref.ref(weight, lambda _, owner=owner: self._drop(owner))
-                if storage is not None and storage.numel() < _icols_numel(weight, nh, nw):
+                if storage is not None and storage.numel() < self.numel(weight, *grid):
                     storage = None
                 with _own_mapping():
-                    held = self.items[owner] = (ref, key, _kernel_icols(weight, nh, nw, storage))
+                    held = self.items[owner] = (ref, key, self.build(weight, *grid, storage))
             return held[2]
+
+    def clear(self) -> None:
+        with self.lock:
+            self.items.clear()
 
     def _drop(self, owner: int) -> None:
         with self.lock:
@@ -373,16 +379,14 @@ class _SpectrumCache:
                 del self.items[owner]
 
 
-_spectra = _SpectrumCache()
+_spectra = _SpectrumCache(_kernel_icols, _icols_numel)
 
 
 def release_spectra() -> None:
     """Drop every cached kernel spectrum (a cascade's inference does between its stages, so
     one stage's spectrum is alive at a time)."""
-    with _spectra.lock:
-        _spectra.items.clear()
-    with _spectra_h.lock:
-        _spectra_h.items.clear()
+    _spectra.clear()
+    _spectra_h.clear()
 
 
 def _irfft_valid(yf: torch.Tensor, nh: int, nw: int, rows: slice, cols: slice) -> torch.Tensor:
@@ -547,10 +551,18 @@ def conv_fft(x: torch.Tensor | Sequence[torch.Tensor], weight: torch.Tensor,
     return y + bias.view(1, -1, 1, 1) if bias is not None else y.contiguous()
 
 
-FFT_H_CHUNK_BYTES = 32 << 20  # `conv_fft_h`'s transform per step: smaller ones run slower
+# `conv_fft_h`'s products per step (its transforms: half); half this measured 5% slower
+FFT_H_CHUNK_BYTES = 64 << 20
 
 
-def _kernel_h(weight: torch.Tensor, nh: int) -> torch.Tensor:
+def _kernel_h_numel(weight: torch.Tensor, nh: int) -> int:
+    """Elements of `_kernel_h(weight, nh)`."""
+    o, c, _, l = weight.shape
+    return (nh // 2 + 1) * 4 * c * l * o
+
+
+def _kernel_h(weight: torch.Tensor, nh: int, storage: torch.Tensor | None = None
+              ) -> torch.Tensor:
     """The right-hand side of `conv_fft_h`'s products: the rfft along the kernel's rows
     (axis k, flipped) on nh points, as real [nf, 2 C l, 2 O]. Row (c, j, 0) holds K[c, j] and
     row (c, j, 1) holds i K[c, j], each output map's column pair its (re, im): the interleaved
@@ -559,39 +571,16 @@ def _kernel_h(weight: torch.Tensor, nh: int) -> torch.Tensor:
     o, c, _, l = weight.shape
     # transformed along the outer axis of a (tiny) [k, C, l, O] copy: [nf, C, l, O]
     spec = torch.fft.rfft(weight.flip(-2).permute(2, 1, 3, 0).contiguous(), n=nh, dim=0)
-    out = torch.stack([torch.view_as_real(spec), torch.view_as_real(spec * 1j)], 3)
-    return out.reshape(spec.shape[0], 2 * c * l, 2 * o)  # (x + iy) i = -y + ix: exact
+    parts = [torch.view_as_real(spec), torch.view_as_real(spec * 1j)]  # (x + iy) i = -y + ix
+    if storage is None:
+        out = torch.stack(parts, 3)
+    else:  # into a previous spectrum's memory
+        out = storage.view(-1)[:_kernel_h_numel(weight, nh)].view(*spec.shape[:3], 2, o, 2)
+        torch.stack(parts, 3, out=out)
+    return out.view(spec.shape[0], 2 * c * l, 2 * o)
 
 
-class _SpectraH:
-    """`_kernel_h` of each weight at its last grid height (no-grad calls; 28 MB for the
-    13 x 13 global layer; inference visits boxes grouped by height), tied to the weight tensor
-    as `_SpectrumCache` ties its entries."""
-
-    def __init__(self):
-        self.items: dict[int, tuple] = {}
-        self.lock = threading.RLock()
-
-    def get(self, weight: torch.Tensor, nh: int) -> torch.Tensor:
-        key = (weight._version, weight.dtype, weight.device, nh)
-        with self.lock:
-            held = self.items.get(id(weight))
-            if held is None or held[0]() is not weight or held[1] != key:
-                self.items.pop(id(weight), None)  # freed before the new one is made
-                owner = id(weight)
-                ref = weakref.ref(weight, lambda _, owner=owner: self._drop(owner))
-                with _own_mapping():  # long-lived: must not split the reused heap
-                    held = self.items[owner] = (ref, key, _kernel_h(weight, nh))
-            return held[2]
-
-    def _drop(self, owner: int) -> None:
-        with self.lock:
-            held = self.items.get(owner)
-            if held is not None and held[0]() is None:
-                del self.items[owner]
-
-
-_spectra_h = _SpectraH()
+_spectra_h = _SpectrumCache(_kernel_h, _kernel_h_numel)  # 28 MB for the 13 x 13 global layer
 
 
 def conv_fft_h(x: torch.Tensor | Sequence[torch.Tensor], weight: torch.Tensor,
