@@ -592,7 +592,7 @@ def conv_fft_h(x: torch.Tensor | Sequence[torch.Tensor], weight: torch.Tensor,
     output is in cache (`conv2d_maxout`).
 
     For each height frequency the outputs are one real matrix product of the C*l shifted
-    input columns with the kernel's spectrum ([nf, 2Cl, 2O], a few MB reused by every column):
+    input columns with the kernel's spectrum ([nf, 2Cl, 2O], 28 MB, reused by every column):
     compute-bound, with about a tenth of the direct convolution's multiplications for the
     13 x 13 global layer (4 -> 320 maps), where the 2-D transform's per-frequency products
     read a kernel spectrum as large as the image times the maps. The bias enters as the DC
