@@ -10,7 +10,8 @@ BraTS practice, and their thresholds are parameters:
    oedema must not lose its whole tumour).
    Why: the commonest failure on unseen cases (../shared/notes/accuracy-diagnosis.md) is
    oedema over-segmented far from the tumour, often joined to it, so that rule 1 cannot
-   remove it. Default 0 (off): see docs/MODEL_CARD.md for the out-of-fold measurement.
+   remove it. Default 0 (off) until out-of-fold probabilities show a gain
+   (scripts/tune_postprocess.py; docs/MODEL_CARD.md says where that measurement stands).
 
 1. Small whole-tumour components are removed. The whole-tumour mask (classes 1-4) is split into
    3-D connected components with 26-connectivity (cc3d); every component smaller than

@@ -20,10 +20,11 @@ Convolution candidates:
   it wins for the 21x21 output layer (224 -> 5 maps) and loses for the 13x13 global layer
   (4 -> 320 maps, 320 inverse transforms), so the choice is measured, not assumed;
 - "fft_h" (without autograd only): rfft along the height, the kernel's columns summed as one
-  real matrix product per height frequency with a small, cache-resident kernel spectrum,
-  irfft (`conv_fft_h`). It wins for the 13x13 global layer (4 -> 320 maps) where the 2-D
-  transform loses: about 2x the direct convolution's speed on AVX2-only CPUs, 4x for the
-  input cascade's 9 -> 320 maps;
+  real matrix product per height frequency (a 28 MB kernel spectrum for the 13x13 layer, read
+  once per product instead of once per frequency row as in the 2-D case), irfft
+  (`conv_fft_h`). It wins for the 13x13 global layer (4 -> 320 maps) where the 2-D transform
+  loses: about 2x the direct convolution's speed on a Zen 2 (AVX2 only), and about 4x, on a
+  loaded machine, for the input cascade's 9 -> 320 maps;
 - "direct_bf16" and "bf16_cl" (only with precision "bf16"): the direct convolution on
   bfloat16 copies, fp32 out, in NCHW and in channels-last order (oneDNN uses AMX tiles for
   the latter where the CPU has them: 3.6-9x the fp32 speed of the hidden layers in inference,
@@ -605,8 +606,8 @@ def conv_fft_h(x: torch.Tensor | Sequence[torch.Tensor], weight: torch.Tensor,
     x = _cat(xs)
     b, c, h, w = x.shape
     o, _, k, l = weight.shape
-    n, wo, nh = b * (w - l + 1), w - l + 1, fft_size(h)
-    nf = nh // 2 + 1
+    wo, nh = w - l + 1, fft_size(h)
+    n, nf = b * wo, nh // 2 + 1
     xf = torch.fft.rfft(x, n=nh, dim=2)  # [B, C, nf, W]
     # cols[f, (b, s), (c, j)] = xf[b, c, f, s + j]: one copy of the unfolded view
     cols = xf.unfold(3, l, 1).permute(2, 0, 3, 1, 4).reshape(nf, n, c * l).contiguous()
