@@ -1,7 +1,7 @@
 """Choose class weights and post-processing on out-of-fold probabilities, with nested CV.
 
     python scripts/oof_probabilities.py --run RUN          # once: RUN/oof/<case>.npz
-    python scripts/tune_postprocess.py --oof RUN/oof [--out tuning.json]
+    python scripts/tune_postprocess.py --oof RUN/oof [--out tuning.json] [--jobs 2]
 
 A candidate is (class weights multiplying the probabilities before the argmax, the largest
 distance (mm) oedema may lie from the core (0: any), min_component voxels, min_core voxels a
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -137,25 +138,36 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--oof", required=True, type=Path)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--jobs", type=int, default=1, help="cases scored in parallel processes")
     args = ap.parse_args()
     paths = sorted(args.oof.glob("*.npz"))
     per_case = {}
-    for p in paths:
-        per_case[p.stem] = score_case(p)
-        print(f"scored {p.stem}", flush=True)
+    with ProcessPoolExecutor(max(args.jobs, 1)) as pool:
+        for p, scored in zip(paths, pool.map(score_case, paths)):
+            per_case[p.stem] = scored
+            print(f"scored {p.stem}", flush=True)
     keys = [k for k in next(iter(per_case.values()))[1] if k != ("default",)]
     folds = sorted({f for f, _ in per_case.values()})
 
     def best_over(ids: list[str]) -> tuple:
         return max(keys, key=lambda k: np.mean([per_case[i][1][k] for i in ids]))
 
-    nested_rows, chosen = [], {}
-    for f in folds:
-        inner = [i for i, (g, _) in per_case.items() if g != f]
-        outer = [i for i, (g, _) in per_case.items() if g == f]
-        k = best_over(inner)
-        chosen[f] = list(k)
-        nested_rows += [per_case[i][1][k] for i in outer]
+    def nested(candidates: list[tuple]) -> tuple[list[list[float]], dict]:
+        rows, chosen = [], {}
+        for f in folds:
+            inner = [i for i, (g, _) in per_case.items() if g != f]
+            outer = [i for i, (g, _) in per_case.items() if g == f]
+            k = max(candidates, key=lambda c: np.mean([per_case[i][1][c] for i in inner]))
+            chosen[f] = list(k)
+            rows += [per_case[i][1][k] for i in outer]
+        return rows, chosen
+
+    nested_rows, chosen = nested(keys)
+    # Rule 0 alone on the package's defaults (no weights, 10,000 mm^3, 500 mm^3 at 1 mm voxels).
+    default = PostprocessConfig()
+    rule0 = {d: (1.0, 1.0, 1.0, 1.0, d, int(default.min_component_mm3), 0,
+                 int(default.min_enhancing_mm3)) for d in DISTANCES}
+    rule0_rows, rule0_chosen = nested(list(rule0.values()))
     ids = list(per_case)
     best = best_over(ids)
     names = ["w0", "w1", "w2", "w4", "max_oedema_distance_mm", "min_component_voxels",
@@ -164,11 +176,15 @@ def main() -> None:
         "cases": len(ids),
         "default": pooled([per_case[i][1][("default",)] for i in ids]),
         "nested": pooled(nested_rows),
+        "rule0_alone": {str(d): pooled([per_case[i][1][k] for i in ids]) for d, k in rule0.items()},
+        "rule0_alone_nested": pooled(rule0_rows),
+        "rule0_alone_chosen_per_fold": {str(f): k[4] for f, k in rule0_chosen.items()},
         "chosen_per_fold": {str(f): dict(zip(names, k)) for f, k in chosen.items()},
         "best_all": dict(zip(names, best)),
         "best_all_score": pooled([per_case[i][1][best] for i in ids]),
         "per_case_best_all": {i: per_case[i][1][best] for i in ids},
         "per_case_default": {i: per_case[i][1][("default",)] for i in ids},
+        "per_case_rule0": {i: {str(d): per_case[i][1][k] for d, k in rule0.items()} for i in ids},
     }
     text = json.dumps(result, indent=1)
     if args.out:

@@ -123,6 +123,7 @@ def test_segment_argument_errors_exit_2(tmp_path, capsys, tiny_model):
         (["--model", str(tiny_model), "--batch-size", "0"], "expected an integer >= 1"),
         (["--model", str(tiny_model), "--min-component", "-3"], "expected a number >= 0"),
         (["--model", str(tiny_model), "--min-enhancing", "nan"], "expected a number >= 0"),
+        (["--model", str(tiny_model), "--max-oedema-distance", "-3"], "expected a number >= 0"),
         (["--model", str(tiny_model), "--num-parts", "2", "--part-id", "5"], "--part-id"),
         (["--model", str(tiny_model), "--t1", str(folder / "phantom_000_t1.nii.gz")],
          "not both"),
@@ -146,7 +147,8 @@ def test_segment_defaults_match_the_api():
     args = build_parser().parse_args(["segment", "-i", "x", "-o", "y"])
     assert args.batch_size == BATCH_SIZE and args.model is None and args.device == "auto"
     # Post-processing: the model file's own unless given (PostprocessConfig.from_meta).
-    assert (args.min_component, args.min_enhancing, args.no_postprocess) == (None, None, False)
+    assert (args.min_component, args.min_enhancing, args.max_oedema_distance,
+            args.no_postprocess) == (None, None, None, False)
     assert PostprocessConfig.from_meta({}) == PostprocessConfig()
 
 

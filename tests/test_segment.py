@@ -508,6 +508,30 @@ def test_cli_postprocessing_flags_replace_the_models_fields(tmp_path, phantom_sm
         PostprocessConfig(enabled=False)
 
 
+def test_cli_max_oedema_distance_removes_far_oedema(tmp_path, phantom_small, monkeypatch):
+    """--max-oedema-distance reaches post-processing: the oracle's written oedema is kept exactly
+    where a brute-force nearest-core distance (KD-tree, mm) is within the limit."""
+    from scipy.spatial import cKDTree
+
+    root = tmp_path / "data"
+    write_phantom(phantom_small, root, "brats2017")
+    (case,) = find_cases(root)
+    monkeypatch.setattr(weights, "resolve_model", lambda spec, device="cpu": oracle([case]))
+    img = nib.load(str(case.label))
+    ref = np.asarray(img.dataobj).astype(np.uint8)  # brats2017: 1 NCR/NET, 2 ED, 4 ET
+    mm = np.stack(np.nonzero(np.ones(ref.shape, bool)), 1) * np.asarray(img.header.get_zooms()[:3])
+    dist = cKDTree(mm[np.isin(ref, (1, 4)).ravel()]).query(mm)[0].reshape(ref.shape)
+    steps = np.unique(dist[ref == 2])
+    limit = float(steps[len(steps) // 2:][:2].mean())  # between two distances: no ties
+    expect = np.where((ref == 2) & (dist > limit), 0, ref)
+    assert 0 < np.count_nonzero(expect != ref) < np.count_nonzero(ref == 2)
+    out = tmp_path / "out"
+    assert main(["segment", "-i", str(root), "-o", str(out), "--no-progress", *SMALL_POST_ARGS,
+                 "--max-oedema-distance", f"{limit:.6f}"]) == 0
+    got = np.asarray(nib.load(str(out / "ph_000.nii.gz")).dataobj)
+    np.testing.assert_array_equal(got, expect)
+
+
 def test_volumes_csv_counts_continue_and_parts(tmp_path):
     """volumes.csv: mL from an independent voxel count on an anisotropic grid; rows kept across
     --continue and --num-parts runs; a missing row is rebuilt from the label map."""

@@ -151,7 +151,8 @@ def cmd_segment(args) -> int:
     from tumorseg.segment import CaseFailure, SegmentOptions, segment_cases
     # The model file's own post-processing, with what the user gave replacing its fields.
     given = {"enabled": False if args.no_postprocess else None,
-             "min_component_mm3": args.min_component, "min_enhancing_mm3": args.min_enhancing}
+             "min_component_mm3": args.min_component, "min_enhancing_mm3": args.min_enhancing,
+             "max_oedema_distance_mm": args.max_oedema_distance}
     post = {k: v for k, v in given.items() if v is not None}
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -391,6 +392,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="less enhancing tumour than MM3 cubic millimetres in a case becomes "
                         f"necrosis (default: the model's, {PostprocessConfig.min_enhancing_mm3:g} "
                         "for the released ones)")
+    p.add_argument("--max-oedema-distance", type=_nonnegative_float, metavar="MM",
+                   help="oedema farther than MM millimetres from every predicted core voxel "
+                        "becomes background; 0 turns it off (default: the model's; off, "
+                        f"{PostprocessConfig.max_oedema_distance_mm:g}, for the released ones)")
     p.add_argument("--output-labels", choices=["brats2013", "brats2017", "brats2023", "msd"],
                    help="label convention of the written label maps (default: each case's own, "
                         "as --labels or the layout gives it)")
