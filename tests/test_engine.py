@@ -359,6 +359,26 @@ def test_channels_last_inputs_get_their_own_planner_key():
     assert fastconv._key("maxpool", one, 1, (2,), False).endswith("cpu")
     # a list (the output layer's inputs): one flag per input
     assert fastconv._key("conv", [x, cl], 16, (5, 16, 3, 3), False).endswith("|cl nc")
+    # conv_fft_h's output (maps innermost) is one layout whatever the batch size: a batch of 1
+    # is channels-last contiguous, a batch of 2 is not, and both get the same key
+    w = torch.zeros(16, 4, 3, 3)
+    for b in (1, 2):
+        with torch.no_grad():
+            y = fastconv.conv_fft_h(torch.zeros(b, 4, 22, 22), w, None)
+        assert y.stride(1) == 1
+        assert fastconv._key("conv", [torch.zeros(b, 8, 20, 20), y], 24, (5, 24, 3, 3),
+                             False).endswith("|5x5|nograd|torch.float32|cpu|cl nc")
+
+
+def test_fft_h_is_offered_only_with_more_maps_out_than_in(monkeypatch):
+    """Inference offers fft_h to the 13 x 13 global layer (4 -> 320 maps) but not to the
+    21 x 21 output layer (224 -> 5), where it cannot win; training never."""
+    offered = _forced(monkeypatch, "direct")
+    with torch.no_grad():
+        fastconv.conv2d(torch.zeros(1, 4, 30, 30), torch.zeros(320, 4, 13, 13))
+        fastconv.conv2d(torch.zeros(1, 224, 30, 30), torch.zeros(5, 224, 21, 21))
+    fastconv.conv2d(torch.zeros(1, 4, 30, 30), torch.zeros(320, 4, 13, 13, requires_grad=True))
+    assert offered == [["direct", "fft", "fft_h"], ["direct", "fft"], ["direct", "native", "fft"]]
 
 
 def test_argmax_classes_equals_argmax_with_ties():

@@ -19,12 +19,13 @@ Convolution candidates:
   (`_FFTConvFn`, backward in the frequency domain too). Offered for kernels >= FFT_MIN_KERNEL:
   it wins for the 21x21 output layer (224 -> 5 maps) and loses for the 13x13 global layer
   (4 -> 320 maps, 320 inverse transforms), so the choice is measured, not assumed;
-- "fft_h" (without autograd only): rfft along the height, the kernel's columns summed as one
-  real matrix product per height frequency (a 28 MB kernel spectrum for the 13x13 layer, read
-  once per product instead of once per frequency row as in the 2-D case), irfft
-  (`conv_fft_h`). It wins for the 13x13 global layer (4 -> 320 maps) where the 2-D transform
-  loses: about 2x the direct convolution's speed on a Zen 2 (AVX2 only), and about 4x, on a
-  loaded machine, for the input cascade's 9 -> 320 maps;
+- "fft_h" (without autograd, for layers with more maps out than in): rfft along the height,
+  the kernel's columns summed as one real matrix product per height frequency (a 28 MB
+  kernel spectrum for the 13x13 layer, read once per product instead of once per frequency
+  row as in the 2-D case), irfft (`conv_fft_h`). It wins for the 13x13 global layer
+  (4 -> 320 maps) where the 2-D transform loses: about 2x the direct convolution's speed on
+  a Zen 2 (AVX2 only), and about 4x, on a loaded machine, for the input cascade's 9 -> 320
+  maps;
 - "direct_bf16" and "bf16_cl" (only with precision "bf16"): the direct convolution on
   bfloat16 copies, fp32 out, in NCHW and in channels-last order (oneDNN uses AMX tiles for
   the latter where the CPU has them: 3.6-9x the fp32 speed of the hidden layers in inference,
@@ -59,7 +60,7 @@ from tumorseg.io import numpy_huge_pages
 MODES = ("auto", "plain")
 PRECISIONS = ("fp32", "bf16")
 FFT_MIN_KERNEL = 7  # smaller kernels: the direct convolution always wins (O(k^2) vs O(log N))
-PLAN_VERSION = 4  # bump when candidates or keys change: old plans are then ignored
+PLAN_VERSION = 5  # bump when candidates or keys change: old plans are then ignored
 # bf16 call sites gained a candidate ("bf16_cl") after version 3: their keys carry their own
 # version, so that fp32 plans (and fp32 outputs) stay as they were.
 PRECISION_KEYS = {"fp32": "fp32", "bf16": "bf16v2"}
@@ -881,8 +882,10 @@ planner = Planner()
 
 
 def _channels_last(x: torch.Tensor) -> bool:
-    return x.dim() == 4 and not x.is_contiguous() and \
-        x.is_contiguous(memory_format=torch.channels_last)
+    """Maps innermost in memory: channels-last, or any other such view (`conv_fft_h`'s output,
+    [B, O, H, W] with strides (W O, 1, B W O, O), is channels-last only when B = 1; one layout,
+    one key, or a batch of 1 would measure every choice again under a key of its own)."""
+    return x.dim() == 4 and x.shape[1] > 1 and x.stride(1) == 1 and not x.is_contiguous()
 
 
 def _key(op: str, x: torch.Tensor | Sequence[torch.Tensor], channels: int, extra: tuple,
@@ -933,7 +936,13 @@ def _conv_choice(x: torch.Tensor | Sequence[torch.Tensor], weight: torch.Tensor,
     if grad:
         names.append("native")
     if min(weight.shape[-2:]) >= FFT_MIN_KERNEL:
-        names += ["fft"] if grad else ["fft", "fft_h"]
+        names.append("fft")
+        if not grad and weight.shape[0] > weight.shape[1]:
+            # fft_h's products grow with C l O per column and frequency, the 2-D FFT's with C O
+            # and its O inverse transforms: fft_h can win only with more maps out than in (the
+            # 13 x 13 layer: 4 -> 320). The 21 x 21 head (224 -> 5) measured it 7-15x slower
+            # than the 2-D FFT in every size class (Zen 2), 0.4 s of a first run's plan.
+            names.append("fft_h")
     if opts.precision == "bf16":
         names += ["direct_bf16", "bf16_cl"]
     if len(names) == 1:
