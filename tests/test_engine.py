@@ -513,7 +513,8 @@ def test_fp32_logits_equal_the_exact_ones_on_a_real_case(shared_data, name):
 @pytest.mark.slow
 def test_bf16_labels_agree_and_two_runs_are_identical(shared_data, tmp_path):
     """The CLI twice in fresh processes (fp32): identical label maps. bf16 against fp32: >= 99.9%
-    of brain voxels agree, each region's Dice >= 0.995."""
+    of brain voxels agree, each region's Dice >= 0.995 (the whole case on CPUs with native bf16,
+    the tumour's central 40 slices elsewhere)."""
     case = find_cases(shared_data)[0]
     env = {**os.environ, "TUMORSEG_ENGINE_PLAN": str(tmp_path / "plan.json")}
     outs = []
@@ -527,10 +528,19 @@ def test_bf16_labels_agree_and_two_runs_are_identical(shared_data, tmp_path):
 
     model, _ = weights.resolve_model(None)
     _, pre = _real_case(shared_data)
-    fp32, _ = predict_labels(model, pre.image, pre.mask)
-    with fastconv.options(precision="bf16"):
-        bf16, _ = predict_labels(model, pre.image, pre.mask)
     brain = pre.mask
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    if "avx512_bf16" not in flags and "amx_bf16" not in flags:
+        # Without native bf16 (where the docs advise fp32) bf16 is emulated and the whole case
+        # takes minutes: compare on the 40 slices through the tumour's centre instead.
+        zs = np.flatnonzero(pre.label.any(axis=(0, 1)))
+        mid = int(zs[len(zs) // 2])
+        brain = brain.copy()
+        brain[..., :max(mid - 20, 0)] = False
+        brain[..., mid + 20:] = False
+    fp32, _ = predict_labels(model, pre.image, brain)
+    with fastconv.options(precision="bf16"):
+        bf16, _ = predict_labels(model, pre.image, brain)
     agree = (fp32[brain] == bf16[brain]).mean()
     assert agree >= 0.999, f"bf16 agrees with fp32 on {agree:.5f} of brain voxels"
     for region, classes in CANONICAL_REGIONS.items():
