@@ -531,8 +531,8 @@ def test_bf16_labels_agree_and_two_runs_are_identical(shared_data, tmp_path):
     brain = pre.mask
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     if "avx512_bf16" not in flags and "amx_bf16" not in flags:
-        # Without native bf16 (where the docs advise fp32) bf16 is emulated and the whole case
-        # takes minutes: compare on the 40 slices through the tumour's centre instead.
+        # Without native bf16 it is emulated and the whole case took 4-5 minutes (Zen 2):
+        # compare on the 40 slices through the tumour's centre instead.
         zs = np.flatnonzero(pre.label.any(axis=(0, 1)))
         mid = int(zs[len(zs) // 2])
         brain = brain.copy()
