@@ -3,7 +3,7 @@ imports, the engine plan already on disk, read, preprocess, infer, post-process,
 
     python benchmarks/cli_wall.py [--data ../shared/data/brats2018] [--case Brats18_2013_3_1]
         [--model two_path] [--rounds 3] [--idle 25] [--baseline REF] [--threads 2]
-        [--first-touch]
+        [--first-touch] [--fresh-plan]
 
 Each run waits `--idle` seconds first: the project's virtual machines hand freed memory back to
 the host, and a process that starts after a pause pays for touching its memory afresh (see
@@ -11,7 +11,10 @@ the host, and a process that starts after a pause pays for touching its memory a
 too, alternating with the working tree's, round by round (the machines are noisy: compare the
 two in one run, not across runs); the label maps of the two must be identical. `--first-touch`
 also times the first touch of a 512 MB numpy array in new processes, with and without numpy's
-transparent huge pages. Prints one JSON object.
+transparent huge pages. `--fresh-plan` gives each tree a new engine plan file every round and
+runs it twice: "first" (the engine measures its choices, as on a new machine) and "warm" (the
+plan it just wrote on disk); the spread of "warm" across rounds shows how much the choices
+measured in a first run cost later runs. Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -78,6 +81,7 @@ def main() -> None:
     parser.add_argument("--baseline", help="git revision to run alternately as the control")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--first-touch", action="store_true")
+    parser.add_argument("--fresh-plan", action="store_true")
     args = parser.parse_args()
     if not (args.data / args.case).is_dir():
         raise SystemExit(f"{args.data / args.case}: no such case folder")
@@ -92,13 +96,17 @@ def main() -> None:
                             str(worktree), args.baseline], check=True)
             trees = {"baseline": worktree / "src", **trees}
         try:
-            seconds: dict[str, list[float]] = {name: [] for name in trees}
+            runs = [(name, "") for name in trees] if not args.fresh_plan else \
+                [(name, stage) for name in trees for stage in ("first", "warm")]
+            seconds: dict[str, list[float]] = {name + stage: [] for name, stage in runs}
             digests = {}
-            for _ in range(args.rounds):
-                for name, src in trees.items():
+            for r in range(args.rounds):
+                for name, stage in runs:
+                    if args.fresh_plan:
+                        env["TUMORSEG_ENGINE_PLAN"] = str(tmp / f"plan-{name}-{r}.json")
                     time.sleep(args.idle)
                     out = tmp / f"out-{name}"
-                    seconds[name].append(round(_run(src, args, out, env), 3))
+                    seconds[name + stage].append(round(_run(trees[name], args, out, env), 3))
                     digests[name] = _digest(out)
         finally:
             if args.baseline:
@@ -113,8 +121,10 @@ def main() -> None:
     }
     if args.baseline:
         result["baseline"] = args.baseline
-        result["ratio_baseline_over_current"] = round(
-            result["median"]["baseline"] / result["median"]["current"], 3)
+        for stage in ("", "first", "warm") if args.fresh_plan else ("",):
+            if "baseline" + stage in seconds:
+                result["ratio_baseline_over_current" + (f"_{stage}" if stage else "")] = round(
+                    result["median"]["baseline" + stage] / result["median"]["current" + stage], 3)
         result["identical_labels"] = digests["baseline"] == digests["current"]
     if args.first_touch:
         result["first_touch"] = _first_touch(args.idle, args.rounds)

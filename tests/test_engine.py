@@ -402,6 +402,34 @@ def test_planner_prefers_the_reference_within_the_margin_and_persists(tmp_path):
         "k1": "ref", "k2": "fast"}
 
 
+def test_planner_measures_close_calls_again_and_ignores_clear_losers(tmp_path):
+    import time
+
+    def timed(*seconds):  # a candidate whose successive runs take these times
+        runs = iter(seconds)
+        calls = []
+
+        def run():
+            calls.append(1)
+            time.sleep(next(runs))
+        run.calls = calls
+        return run
+
+    # One busy moment in each of the challenger's first two runs: close to the reference, so
+    # it runs ROUNDS more times, and its true speed (twice the reference's) decides.
+    ref = timed(*[0.04] * (2 + fastconv.ROUNDS))
+    fast = timed(0.05, 0.05, *[0.02] * fastconv.ROUNDS)
+    slow = timed(0.5)  # CLEAR times the fastest after one run: never run again
+    plan = fastconv.Planner(tmp_path / "plan.json")
+    assert plan.choose("k", {"ref": ref, "fast": fast, "slow": slow}) == "fast"
+    assert len(ref.calls) == len(fast.calls) == 2 + fastconv.ROUNDS and len(slow.calls) == 1
+    assert plan.timings["k"]["fast"] < 0.03 < plan.timings["k"]["ref"]
+    # Far apart after two runs: no more measuring.
+    ref, fast = timed(0.025, 0.025), timed(0.01, 0.01)
+    assert plan.choose("k2", {"ref": ref, "fast": fast}) == "fast"
+    assert len(ref.calls) == len(fast.calls) == 2
+
+
 def test_cpu_name_tells_generations_that_share_a_model_name_apart(tmp_path):
     def name(text: str) -> str:
         (tmp_path / "cpuinfo").write_text(text)
