@@ -561,7 +561,7 @@ def test_bf16_labels_agree_and_two_runs_are_identical(shared_data, tmp_path):
     if "avx512_bf16" not in flags and "amx_bf16" not in flags:
         # Without native bf16 it is emulated and the whole case took 4-5 minutes (Zen 2; 40
         # slices 3.5 minutes with the CLI runs): compare on the 20 slices through the tumour's
-        # centre instead (about 300,000 brain voxels, a third of them tumour).
+        # centre instead (344,570 brain voxels of Brats18_2013_11_1, 57,866 of them tumour).
         zs = np.flatnonzero(pre.label.any(axis=(0, 1)))
         mid = int(zs[len(zs) // 2])
         brain = brain.copy()
