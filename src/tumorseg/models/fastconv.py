@@ -67,8 +67,9 @@ PRECISION_KEYS = {"fp32": "fp32", "bf16": "bf16v2"}
 MARGIN = 0.2  # a candidate must be 20% faster than the reference (direct / NCHW) to be chosen
 CLEAR = 3.0  # a candidate this many times slower than the fastest after one run is not rerun
 # Close calls: candidates within CLOSE of the fastest run ROUNDS more times, interleaved. On a
-# shared VM one busy moment in two runs flipped the 13 x 13 layer's largest size class to the
-# direct convolution in 1 of 4 fresh plans (Zen 4), 2.7 s of a two_path case.
+# shared VM a busy moment in two runs of 1-10 ms probes gave the 13 x 13 layer's largest size
+# class the direct convolution in 2 of 12 fresh plans (Zen 4): 2.7 s more per two_path case
+# (docs/PERFORMANCE.md).
 CLOSE = 2.0
 ROUNDS = 3
 
