@@ -290,9 +290,10 @@ def train(cfg: TrainConfig, data_root: str | Path, run_dir: str | Path, resume: 
     finally:
         if created:
             _dist_shutdown(completed)
-        # The run's tile data (several GB with augment.planes) sits in reference cycles, and
-        # reuse_freed_memory keeps freed memory in the heap: without both steps a 4-fold
-        # crossval grew by a fold's data per fold and was killed for memory at 17 GB.
+        # The run's tile data (GBs with augment.planes) sits in reference cycles: a 4-fold
+        # crossval kept a fold's data per fold until killed at 17 GB. Collecting stops that
+        # growth; the trim then hands back the heap reuse_freed_memory keeps (three short
+        # in-process runs: RSS 2.9 GB after each with the collection alone, 0.38 GB with both).
         gc.collect()
         fastconv.release_freed_memory()
 
