@@ -143,3 +143,58 @@ def test_oedema_fading_needs_window_labels_and_leaves_earlier_draws_alone():
                     AugmentConfig(mirror=True, scale=0.1, oedema=0.5), window)
     for x, y in zip(faded, plain):
         np.testing.assert_array_equal(x, y)
+
+
+def test_bias_field_adds_a_weighted_plane_to_the_brain_of_half_the_tiles():
+    images, labels, weights = _batch(n=40)
+    original = images.copy()
+    out, lab, _ = augment(images, labels.copy(), weights.copy(), np.random.default_rng(5),
+                          AugmentConfig(bias=1.0))
+    np.testing.assert_array_equal(lab, labels)
+    assert np.all(out[:, :, :2, :] == 0)  # outside the brain stays zero
+    draws = np.random.default_rng(5)  # the draws in their documented order
+    draws.random((40, 2))
+    for _ in range(3):  # scales, shifts, slopes
+        draws.uniform(0, 1, (40, 4))
+    draws.random(40)  # oedema: faint
+    draws.uniform(0, 1, (40, 4))  # oedema: factors
+    on = draws.random(40) < 0.5
+    offset = draws.uniform(-1.0, 1.0, 40)
+    slopes = draws.uniform(-0.5, 0.5, (40, 2))
+    w = draws.uniform(0.5, 1.0, (40, 4))
+    assert 0 < on.sum() < 40
+    side = T + RF - 1
+    for i in range(40):
+        expected = original[i].copy()
+        if on[i]:
+            for ch in range(4):
+                for r in range(2, side):  # rows 0-1 are outside the brain
+                    for col in range(side):
+                        u, v = -1 + 2 * r / (side - 1), -1 + 2 * col / (side - 1)
+                        expected[ch, r, col] += w[i, ch] * (offset[i] + slopes[i, 0] * u
+                                                            + slopes[i, 1] * v)
+        np.testing.assert_allclose(out[i], expected, rtol=1e-5, atol=1e-6)
+    diff = out - original  # a plane per modality, the same plane up to each modality's weight
+    assert np.abs(diff).max() <= 2.0 + 1e-6 and np.abs(diff[on]).max() > 0.1
+
+
+def test_bias_field_comes_after_every_earlier_draw():
+    """Tiles the field skips match a run without it exactly: its draws come last."""
+    plain = augment(*_batch(n=20), np.random.default_rng(9), AugmentConfig(mirror=True, scale=0.1))
+    biased = augment(*_batch(n=20), np.random.default_rng(9),
+                     AugmentConfig(mirror=True, scale=0.1, bias=1.0))
+    draws = np.random.default_rng(9)
+    draws.random((20, 2))
+    for _ in range(3):
+        draws.uniform(0, 1, (20, 4))
+    draws.random(20)
+    draws.uniform(0, 1, (20, 4))
+    on = draws.random(20) < 0.5
+    assert 0 < on.sum() < 20
+    np.testing.assert_array_equal(biased[0][~on], plain[0][~on])
+    assert np.all(np.abs(biased[0][on] - plain[0][on]).max(axis=(1, 2, 3)) > 0)
+    for x, y in zip(biased[1:], plain[1:]):  # labels and weights: same flips
+        np.testing.assert_array_equal(x, y)
+    assert AugmentConfig(bias=0.5).enabled and not AugmentConfig(bias=0.0).enabled
+    with pytest.raises(ValueError, match="bias"):
+        AugmentConfig(bias=-0.1)

@@ -20,6 +20,15 @@ resumable, see tumorseg.train):
   pixels (reference class 2, on the whole input window) are pulled towards the mean of the
   window's tumour-free brain, v -> m + (v - m) * U(1 - oedema, 1). Unlike knee, it touches only
   the tissue whose faint appearance the model misses, so bright healthy structures keep theirs.
+- bias field: in half of the tiles (drawn per tile), a smooth field a + gy * u + gx * v (u, v
+  running from -1 to 1 across the input window; a ~ U(-bias, bias), gy, gx ~ U(-bias/2, bias/2),
+  z-score units) is added to the brain pixels of every modality, weighted per modality by
+  U(0.5, 1), before scale and shift. A scanner's receive-coil bias brightens or darkens all
+  four sequences of a region together; after z-scoring, a slowly varying multiplicative bias is
+  locally such an additive, nearly planar offset. Why: the false tumour along the frontal brain
+  surface of the BRATS 2013 cases is tissue up to 1 SD brighter in every modality
+  (docs/MODEL_CARD.md, Known failure modes), and the intensity shift draws each modality
+  independently within +-shift, so the model never saw all four raised together.
 
 Why: the released weights fit their training cases far better than unseen ones
 (../shared/notes/accuracy-diagnosis.md); scanners differ in contrast, and tumours occur in
@@ -50,14 +59,16 @@ class AugmentConfig:
     oedema: float = 0.0  # per modality, half the tiles: oedema contrast x U(1 - oedema, 1)
     planes: bool = False  # tiles from axial, coronal and sagittal slices (sampling.prepare)
     rotate: float = 0.0  # degrees: each tile turned by U(-rotate, rotate) (sampling.Sampler.rotated)
+    bias: float = 0.0  # z-score units, half the tiles: a planar field of offset up to +-bias
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.scale < 1.0 or self.shift < 0.0 or not 0.0 <= self.knee < 1.0 \
-                or not 0.0 <= self.oedema < 1.0 or not 0.0 <= self.rotate <= 180.0:
+                or not 0.0 <= self.oedema < 1.0 or not 0.0 <= self.rotate <= 180.0 \
+                or not 0.0 <= self.bias <= 5.0:
             raise ValueError(f"augment: need 0 <= scale < 1, shift >= 0, 0 <= knee < 1, "
-                             f"0 <= oedema < 1 and 0 <= rotate <= 180, got scale={self.scale}, "
-                             f"shift={self.shift}, knee={self.knee}, oedema={self.oedema}, "
-                             f"rotate={self.rotate}")
+                             f"0 <= oedema < 1, 0 <= rotate <= 180 and 0 <= bias <= 5, got "
+                             f"scale={self.scale}, shift={self.shift}, knee={self.knee}, "
+                             f"oedema={self.oedema}, rotate={self.rotate}, bias={self.bias}")
 
     @property
     def slicing(self) -> tuple[str, ...]:
@@ -66,7 +77,8 @@ class AugmentConfig:
 
     @property
     def enabled(self) -> bool:
-        return self.mirror or self.scale > 0 or self.shift > 0 or self.knee > 0 or self.oedema > 0
+        return self.mirror or self.scale > 0 or self.shift > 0 or self.knee > 0 \
+            or self.oedema > 0 or self.bias > 0
 
 
 def augment(images: np.ndarray, labels: np.ndarray, weights: np.ndarray, rng: np.random.Generator,
@@ -88,13 +100,16 @@ def augment(images: np.ndarray, labels: np.ndarray, weights: np.ndarray, rng: np
     slopes = rng.uniform(1.0 - cfg.knee, 1.0, (n, c)).astype(np.float32)  # after: older runs keep theirs
     faint = rng.random(n) < 0.5
     factors = rng.uniform(1.0 - cfg.oedema, 1.0, (n, c)).astype(np.float32)
+    fields = _bias_fields(images.shape[-1], rng, cfg.bias, n, c) if cfg.bias > 0 else None
     for i in range(n):
         if cfg.oedema > 0 and faint[i]:
             _fade_oedema(images[i], window_labels[i], factors[i])
-        if cfg.scale > 0 or cfg.shift > 0 or cfg.knee > 0:
+        if cfg.scale > 0 or cfg.shift > 0 or cfg.knee > 0 or fields is not None:
             brain = np.any(images[i] != 0, axis=0)
             for ch in range(c):
                 v = images[i, ch][brain]
+                if fields is not None:
+                    v = v + fields[i, ch][brain]
                 if cfg.knee > 0:
                     v = np.where(v > KNEE, KNEE + (v - KNEE) * slopes[i, ch], v)
                 images[i, ch][brain] = v * scales[i, ch] + shifts[i, ch]
@@ -105,6 +120,19 @@ def augment(images: np.ndarray, labels: np.ndarray, weights: np.ndarray, rng: np
                     labels[i] = np.flip(labels[i], axis)
                     weights[i] = np.flip(weights[i], axis)
     return images, labels, weights
+
+
+def _bias_fields(side: int, rng: np.random.Generator, bias: float, n: int, c: int) -> np.ndarray:
+    """[n, c, side, side] float32 planar fields (zero for the half of the tiles left alone); drawn
+    only when bias > 0 (after every other draw), so runs without it keep their random streams."""
+    on = rng.random(n) < 0.5
+    offset = rng.uniform(-bias, bias, n)
+    slopes = rng.uniform(-bias / 2, bias / 2, (n, 2))
+    weights = rng.uniform(0.5, 1.0, (n, c))
+    u = np.linspace(-1.0, 1.0, side)
+    plane = offset[:, None, None] + slopes[:, 0, None, None] * u[None, :, None] \
+        + slopes[:, 1, None, None] * u[None, None, :]  # [n, rows, cols]
+    return (on[:, None, None, None] * weights[:, :, None, None] * plane[:, None]).astype(np.float32)
 
 
 def _fade_oedema(image: np.ndarray, window_labels: np.ndarray, factors: np.ndarray) -> None:
