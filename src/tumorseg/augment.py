@@ -59,7 +59,7 @@ class AugmentConfig:
     oedema: float = 0.0  # per modality, half the tiles: oedema contrast x U(1 - oedema, 1)
     planes: bool = False  # tiles from axial, coronal and sagittal slices (sampling.prepare)
     rotate: float = 0.0  # degrees: each tile turned by U(-rotate, rotate) (sampling.Sampler.rotated)
-    bias: float = 0.0  # z-score units, half the tiles: a planar field of offset up to +-bias
+    bias: float = 0.0  # z-score units, half the tiles: planar offset up to +-bias at the centre
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.scale < 1.0 or self.shift < 0.0 or not 0.0 <= self.knee < 1.0 \
