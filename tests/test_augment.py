@@ -146,36 +146,40 @@ def test_oedema_fading_needs_window_labels_and_leaves_earlier_draws_alone():
 
 
 def test_bias_field_adds_a_weighted_plane_to_the_brain_of_half_the_tiles():
+    """The field goes in after the oedema fading and before knee, scale and shift."""
     images, labels, weights = _batch(n=40)
+    images *= 2  # values above the knee, so the order of field and knee matters
     original = images.copy()
-    out, lab, _ = augment(images, labels.copy(), weights.copy(), np.random.default_rng(5),
-                          AugmentConfig(bias=1.0))
+    cfg = AugmentConfig(scale=0.2, shift=0.3, knee=0.5, bias=0.7)
+    out, lab, _ = augment(images, labels.copy(), weights.copy(), np.random.default_rng(5), cfg)
     np.testing.assert_array_equal(lab, labels)
     assert np.all(out[:, :, :2, :] == 0)  # outside the brain stays zero
     draws = np.random.default_rng(5)  # the draws in their documented order
     draws.random((40, 2))
-    for _ in range(3):  # scales, shifts, slopes
-        draws.uniform(0, 1, (40, 4))
+    scales = draws.uniform(0.8, 1.2, (40, 4))
+    shifts = draws.uniform(-0.3, 0.3, (40, 4))
+    slopes_knee = draws.uniform(0.5, 1.0, (40, 4))
     draws.random(40)  # oedema: faint
     draws.uniform(0, 1, (40, 4))  # oedema: factors
     on = draws.random(40) < 0.5
-    offset = draws.uniform(-1.0, 1.0, 40)
-    slopes = draws.uniform(-0.5, 0.5, (40, 2))
+    offset = draws.uniform(-0.7, 0.7, 40)
+    slopes = draws.uniform(-0.35, 0.35, (40, 2))
     w = draws.uniform(0.5, 1.0, (40, 4))
     assert 0 < on.sum() < 40
     side = T + RF - 1
     for i in range(40):
         expected = original[i].copy()
-        if on[i]:
-            for ch in range(4):
-                for r in range(2, side):  # rows 0-1 are outside the brain
-                    for col in range(side):
-                        u, v = -1 + 2 * r / (side - 1), -1 + 2 * col / (side - 1)
-                        expected[ch, r, col] += w[i, ch] * (offset[i] + slopes[i, 0] * u
-                                                            + slopes[i, 1] * v)
-        np.testing.assert_allclose(out[i], expected, rtol=1e-5, atol=1e-6)
-    diff = out - original  # a plane per modality, the same plane up to each modality's weight
-    assert np.abs(diff).max() <= 2.0 + 1e-6 and np.abs(diff[on]).max() > 0.1
+        for ch in range(4):
+            for r in range(2, side):  # rows 0-1 are outside the brain
+                for col in range(side):
+                    v = float(original[i, ch, r, col])
+                    if on[i]:
+                        u_r, v_c = -1 + 2 * r / (side - 1), -1 + 2 * col / (side - 1)
+                        v += w[i, ch] * (offset[i] + slopes[i, 0] * u_r + slopes[i, 1] * v_c)
+                    if v > 1.0:
+                        v = 1.0 + (v - 1.0) * slopes_knee[i, ch]
+                    expected[ch, r, col] = v * scales[i, ch] + shifts[i, ch]
+        np.testing.assert_allclose(out[i], expected, rtol=1e-5, atol=1e-5)
 
 
 def test_bias_field_comes_after_every_earlier_draw():

@@ -23,12 +23,14 @@ resumable, see tumorseg.train):
 - bias field: in half of the tiles (drawn per tile), a smooth field a + gy * u + gx * v (u, v
   running from -1 to 1 across the input window; a ~ U(-bias, bias), gy, gx ~ U(-bias/2, bias/2),
   z-score units) is added to the brain pixels of every modality, weighted per modality by
-  U(0.5, 1), before scale and shift. A scanner's receive-coil bias brightens or darkens all
+  U(0.5, 1), after the oedema fading and before knee, scale and shift. A scanner's receive-coil bias brightens or darkens all
   four sequences of a region together; after z-scoring, a slowly varying multiplicative bias is
   locally such an additive, nearly planar offset. Why: the false tumour along the frontal brain
   surface of the BRATS 2013 cases is tissue up to 1 SD brighter in every modality
   (docs/MODEL_CARD.md, Known failure modes), and the intensity shift draws each modality
-  independently within +-shift, so the model never saw all four raised together.
+  independently within +-shift, so the model never saw all four raised together by more
+  than that (plus the scale). The equal-sign weights are a simplification: the crescent's
+  profile is uneven (T1 +0.23 SD against FLAIR +1.07).
 
 Why: the released weights fit their training cases far better than unseen ones
 (../shared/notes/accuracy-diagnosis.md); scanners differ in contrast, and tumours occur in
@@ -88,8 +90,9 @@ def augment(images: np.ndarray, labels: np.ndarray, weights: np.ndarray, rng: np
 
     images: [N, C, T + rf - 1, T + rf - 1] float32; labels, weights: [N, T, T]; window_labels:
     [N, T + rf - 1, T + rf - 1] canonical classes on the input window, needed by `cfg.oedema`.
-    The draws are made for all N tiles in a fixed order whatever `cfg` enables, so a rank that
-    keeps a subset of the batch afterwards sees the same tiles as a single process.
+    The draws are made for all N tiles in a fixed order whatever `cfg` enables (the bias
+    field's last, and only when cfg.bias > 0, still for all N tiles), so a rank that keeps a
+    subset of the batch afterwards sees the same tiles as a single process.
     """
     if cfg.oedema > 0 and window_labels is None:
         raise ValueError("augment: oedema contrast needs the labels of the input windows")
