@@ -23,9 +23,10 @@ resumable, see tumorseg.train):
 - bias field: in half of the tiles (drawn per tile), a smooth field a + gy * u + gx * v (u, v
   running from -1 to 1 across the input window; a ~ U(-bias, bias), gy, gx ~ U(-bias/2, bias/2),
   z-score units) is added to the brain pixels of every modality, weighted per modality by
-  U(0.5, 1), after the oedema fading and before knee, scale and shift. A scanner's receive-coil bias brightens or darkens all
-  four sequences of a region together; after z-scoring, a slowly varying multiplicative bias is
-  locally such an additive, nearly planar offset. Why: the false tumour along the frontal brain
+  U(0.5, 1), after the oedema fading and before knee, scale and shift. A scanner's
+  receive-coil bias brightens or darkens all four sequences of a region together; after
+  z-scoring, a slowly varying multiplicative bias is locally such an additive, nearly planar
+  offset. Why: the false tumour along the frontal brain
   surface of the BRATS 2013 cases is tissue up to 1 SD brighter in every modality
   (docs/MODEL_CARD.md, Known failure modes), and the intensity shift draws each modality
   independently within +-shift, so the model never saw all four raised together by more
