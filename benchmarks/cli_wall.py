@@ -3,7 +3,7 @@ imports, the engine plan already on disk, read, preprocess, infer, post-process,
 
     python benchmarks/cli_wall.py [--data ../shared/data/brats2018] [--case Brats18_2013_3_1]
         [--model two_path] [--rounds 3] [--idle 25] [--baseline REF] [--threads 2]
-        [--first-touch] [--fresh-plan]
+        [--first-touch] [--fresh-plan | --new-home]
 
 Each run waits `--idle` seconds first: the project's virtual machines hand freed memory back to
 the host, and a process that starts after a pause pays for touching its memory afresh (see
@@ -14,7 +14,9 @@ also times the first touch of a 512 MB numpy array in new processes, with and wi
 transparent huge pages. `--fresh-plan` gives each tree a new engine plan file every round and
 runs it twice: "first" (the engine measures its choices, as on a new machine) and "warm" (the
 plan it just wrote on disk); the spread of "warm" across rounds shows how much the choices
-measured in a first run cost later runs. Prints one JSON object.
+measured in a first run cost later runs. `--new-home` does the same with a new, empty HOME
+each round and no TUMORSEG_ENGINE_PLAN: a new user's first run, which reads the plans tumorseg
+ships (src/tumorseg/models/engine_plans.json) if this CPU is among them. Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -81,8 +83,11 @@ def main() -> None:
     parser.add_argument("--baseline", help="git revision to run alternately as the control")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--first-touch", action="store_true")
-    parser.add_argument("--fresh-plan", action="store_true")
+    plans = parser.add_mutually_exclusive_group()
+    plans.add_argument("--fresh-plan", action="store_true")
+    plans.add_argument("--new-home", action="store_true")
     args = parser.parse_args()
+    staged = args.fresh_plan or args.new_home
     if not (args.data / args.case).is_dir():
         raise SystemExit(f"{args.data / args.case}: no such case folder")
 
@@ -96,7 +101,7 @@ def main() -> None:
                             str(worktree), args.baseline], check=True)
             trees = {"baseline": worktree / "src", **trees}
         try:
-            runs = [(name, "") for name in trees] if not args.fresh_plan else \
+            runs = [(name, "") for name in trees] if not staged else \
                 [(name, stage) for name in trees for stage in ("first", "warm")]
             seconds: dict[str, list[float]] = {name + stage: [] for name, stage in runs}
             digests = {}
@@ -104,6 +109,10 @@ def main() -> None:
                 for name, stage in runs:
                     if args.fresh_plan:
                         env["TUMORSEG_ENGINE_PLAN"] = str(tmp / f"plan-{name}-{r}.json")
+                    elif args.new_home:
+                        env.pop("TUMORSEG_ENGINE_PLAN", None)
+                        env["HOME"] = str(tmp / f"home-{name}-{r}")
+                        Path(env["HOME"]).mkdir(exist_ok=True)
                     time.sleep(args.idle)
                     out = tmp / f"out-{name}"
                     seconds[name + stage].append(round(_run(trees[name], args, out, env), 3))
@@ -121,7 +130,7 @@ def main() -> None:
     }
     if args.baseline:
         result["baseline"] = args.baseline
-        for stage in ("", "first", "warm") if args.fresh_plan else ("",):
+        for stage in ("", "first", "warm") if staged else ("",):
             if "baseline" + stage in seconds:
                 result["ratio_baseline_over_current" + (f"_{stage}" if stage else "")] = round(
                     result["median"]["baseline" + stage] / result["median"]["current" + stage], 3)

@@ -3,7 +3,7 @@ the release configs' dense tiles, and single patches (T = 1) vs dense tiles.
 
     .venv/bin/python benchmarks/train_throughput.py [--models two_path input_cascade]
         [--tile 48] [--tile-batch 4] [--patch-batch 128] [--steps 3] [--threads 0]
-        [--engine-steps 7] [--no-patches] [--variants]
+        [--engine-steps 7] [--no-patches] [--variants] [--bf16]
 
 Engine comparison (the issue's "new vs old in one run"): the release configs' phase 1 (tiles of
 48, batches of 4, dropout 0.3, SGD with momentum) stepped with the plain engine
@@ -19,6 +19,8 @@ of the tile's size with random labels and uniform weights, so data loading is no
 sampler's cost is small next to the network's). Median of `--steps` steps after one warm-up.
 `--variants` also times two_path (one tile per step, one timed step) with a tile twice as
 large, channels_last memory format and mkldnn off, to see what speeds dense tiles up.
+`--bf16` also steps the default engine with `precision = "bf16"` (a training config key) from
+the same seed, and reports its time and its losses' largest relative difference from fp32.
 Prints one JSON object.
 """
 
@@ -37,7 +39,8 @@ from _common import machine_meta  # benchmarks/ is on sys.path when run as a scr
 
 
 def bench(name: str, tile: int, batch: int, steps: int, channels_last: bool = False,
-          seed: int = 0, engine: str = "auto", output_layer_only: bool = False) -> dict:
+          seed: int = 0, engine: str = "auto", output_layer_only: bool = False,
+          precision: str = "fp32") -> dict:
     torch.manual_seed(seed)
     model = build_model(name, init="default", dropout=0.3).train()
     rf = model.receptive_field
@@ -63,7 +66,7 @@ def bench(name: str, tile: int, batch: int, steps: int, channels_last: bool = Fa
         opt.step()
         losses.append(loss.item())
 
-    with fastconv.options(mode=engine):
+    with fastconv.options(mode=engine, precision=precision):
         step()  # warm-up (and the engine's measurements)
         times = []
         for _ in range(steps):
@@ -76,16 +79,25 @@ def bench(name: str, tile: int, batch: int, steps: int, channels_last: bool = Fa
             "patch_equivalents_per_s": round(batch * tile * tile / s, 1), "losses": losses}
 
 
-def engine_comparison(name: str, tile: int, batch: int, steps: int) -> dict:
-    """Plain vs default engine, same seed and data; phase 1 and phase 2 (output layer only)."""
+def _max_rel_diff(a: list[float], b: list[float]) -> float:
+    return float(f"{max(abs(x - y) / abs(x) for x, y in zip(a, b)):.2e}")
+
+
+def engine_comparison(name: str, tile: int, batch: int, steps: int, bf16: bool = False) -> dict:
+    """Plain vs default engine, same seed and data; phase 1 and phase 2 (output layer only);
+    with `bf16`, the default engine in bfloat16 too."""
     out = {}
     for phase, only_head in (("phase1", False), ("phase2", True)):
         plain = bench(name, tile, batch, steps, engine="plain", output_layer_only=only_head)
         new = bench(name, tile, batch, steps, engine="auto", output_layer_only=only_head)
-        rel = max(abs(a - b) / abs(a) for a, b in zip(plain.pop("losses"), new.pop("losses")))
         out[phase] = {"plain_s_per_step": plain["s_per_step"], "new_s_per_step": new["s_per_step"],
                       "speedup": round(plain["s_per_step"] / new["s_per_step"], 2),
-                      "max_rel_loss_diff": float(f"{rel:.2e}")}
+                      "max_rel_loss_diff": _max_rel_diff(plain["losses"], new["losses"])}
+        if bf16:
+            half = bench(name, tile, batch, steps, output_layer_only=only_head, precision="bf16")
+            out[phase].update(bf16_s_per_step=half["s_per_step"],
+                              bf16_speedup_over_new=round(new["s_per_step"] / half["s_per_step"], 2),
+                              bf16_max_rel_loss_diff=_max_rel_diff(new["losses"], half["losses"]))
     return out
 
 
@@ -100,6 +112,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
     p.add_argument("--engine-steps", type=int, default=7, help="timed steps per engine")
     p.add_argument("--no-patches", action="store_true", help="skip the single-patch baseline")
+    p.add_argument("--bf16", action="store_true", help="also time training in bfloat16")
     p.add_argument("--variants", action="store_true",
                    help="also time two_path with larger tiles, channels_last and mkldnn off")
     args = p.parse_args()
@@ -109,7 +122,7 @@ def main() -> None:
     results: dict = {}
     for name in args.models:
         results[name] = {"engine": engine_comparison(name, args.tile, args.tile_batch,
-                                                     args.engine_steps)}
+                                                     args.engine_steps, args.bf16)}
         if args.no_patches:
             continue
         patch = bench(name, 1, args.patch_batch, args.steps)

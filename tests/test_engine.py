@@ -295,6 +295,22 @@ def test_bf16_candidates_are_the_convolution_of_bf16_inputs_rounded_once(name):
         assert (got.grad - ref.grad).norm() < 0.03 * ref.grad.norm()
 
 
+@pytest.mark.parametrize("name", ["direct_bf16", "bf16_cl"])
+def test_bf16_gradients_hold_on_training_tiles(name):
+    """On a release config's training tile (48 x 48 outputs, batch 4) the weight gradient of a
+    bf16 layer is fp32's within bf16 rounding. Computed as a bf16 convolution whose kernel is
+    the 48 x 48 output map, oneDNN returned a wrong weight gradient (relative error ~1)."""
+    x = _rand(4, 6, 68, 68, dtype=torch.float32, seed=5)
+    w, b = _rand(5, 6, 21, 21, dtype=torch.float32, seed=6), _rand(5, dtype=torch.float32, seed=7)
+    g = _rand(4, 5, 48, 48, dtype=torch.float32, seed=8)
+    leaves = [t.clone().requires_grad_(True) for t in (x, w, b)]
+    fastconv.CONV_CANDIDATES[name](*leaves).backward(g)
+    refs = [t.double().requires_grad_(True) for t in (x, w, b)]
+    F.conv2d(*refs).backward(g.double())
+    for got, ref in zip(leaves, refs):
+        assert (got.grad.double() - ref.grad).norm() < 0.01 * ref.grad.norm()
+
+
 def _forced(monkeypatch, conv_choice: str, keys: list[str] | None = None) -> list[list[str]]:
     """Make the planner pick `conv_choice` wherever it is a candidate (else the reference);
     returns the list of candidate names each convolution call site was offered, and appends
@@ -400,6 +416,68 @@ def test_planner_prefers_the_reference_within_the_margin_and_persists(tmp_path):
     assert again.choose("k2", never) == "fast" and again.choose("k1", never) == "ref"
     assert json.loads((tmp_path / "plan.json").read_text())[plan.machine()] == {
         "k1": "ref", "k2": "fast"}
+
+
+def test_planner_reads_shipped_choices_under_its_own_and_saves_only_what_it_measured(tmp_path):
+    import time
+
+    plan = fastconv.Planner(tmp_path / "plan.json", shipped=tmp_path / "shipped.json")
+    machine = plan.machine()
+    (tmp_path / "shipped.json").write_text(json.dumps(
+        {machine: {"k1": "fast", "k2": "ref"}, "another cpu": {"k3": "fast"}}))
+    (tmp_path / "plan.json").write_text(json.dumps({machine: {"k2": "fast"}}))
+    never = {"ref": lambda: pytest.fail("measured"), "fast": lambda: pytest.fail("measured")}
+    assert plan.choose("k1", never) == "fast"  # shipped
+    assert plan.choose("k2", never) == "fast"  # the plan file overrides the shipped "ref"
+    # Another CPU's shipped choice does not count here: k3 is measured ("ref" is 20 ms slower).
+    assert plan.choose("k3", {"ref": lambda: time.sleep(0.02), "fast": lambda: None}) == "fast"
+    assert json.loads((tmp_path / "plan.json").read_text()) == {
+        machine: {"k2": "fast", "k3": "fast"}}
+    # A shipped choice naming a candidate this version lacks is measured instead.
+    assert plan.choose("k1", {"ref": lambda: None, "slow": lambda: time.sleep(0.01)}) == "ref"
+
+
+def test_planner_keeps_each_thread_count_s_choices_apart(tmp_path):
+    import time
+
+    plan = fastconv.Planner(tmp_path / "plan.json")
+    threads = torch.get_num_threads()
+    fast_wins = {"ref": lambda: time.sleep(0.02), "fast": lambda: None}
+    try:
+        assert plan.choose("k1", fast_wins) == "fast"
+        first = plan.machine()
+        torch.set_num_threads(threads + 1)  # another plan: k1 is measured again
+        assert plan.choose("k1", {"ref": lambda: None, "fast": lambda: time.sleep(0.01)}) == "ref"
+        assert plan.choose("k2", fast_wins) == "fast"
+        second = plan.machine()
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads((tmp_path / "plan.json").read_text()) == {
+        first: {"k1": "fast"}, second: {"k1": "ref", "k2": "fast"}}
+
+
+def test_planner_uses_the_shipped_plans_only_with_the_default_plan_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("TUMORSEG_ENGINE_PLAN")
+    default = fastconv.Planner()
+    assert default.path == tmp_path / ".cache" / "tumorseg" / "engine-plan.json"
+    assert default.shipped == fastconv.SHIPPED_PLANS
+    monkeypatch.setenv("TUMORSEG_ENGINE_PLAN", str(tmp_path / "moved.json"))
+    assert fastconv.Planner().shipped is None  # tests and fresh-plan benchmarks measure all
+    monkeypatch.setenv("TUMORSEG_ENGINE_PLAN", "")
+    assert fastconv.Planner().path is None and fastconv.Planner().shipped is None
+
+
+def test_shipped_plans_name_known_candidates_of_inference_call_sites():
+    plans = json.loads(fastconv.SHIPPED_PLANS.read_text())
+    assert plans, "no shipped plans"
+    names = {"conv": set(fastconv.CONV_CANDIDATES), "maxpool": set(fastconv.POOL_CANDIDATES)}
+    for machine, choices in plans.items():
+        assert machine.endswith(f"|v{fastconv.PLAN_VERSION}"), machine  # a current plan
+        assert choices
+        for key, choice in choices.items():
+            op, *_ = key.split("|")
+            assert "|nograd|" in key and choice in names[op], (machine, key, choice)
 
 
 def test_planner_measures_close_calls_again_and_ignores_clear_losers(tmp_path):

@@ -26,8 +26,8 @@ resumable, see tumorseg.train):
   U(0.5, 1), after the oedema fading and before knee, scale and shift. A scanner's
   receive-coil bias brightens or darkens all four sequences of a region together; after
   z-scoring, a slowly varying multiplicative bias is locally such an additive, nearly planar
-  offset. Why: the false tumour along the frontal brain
-  surface of the BRATS 2013 cases is tissue up to 1 SD brighter in every modality
+  offset. Why: the false tumour along the frontal brain surface of the BRATS 2013 cases is
+  tissue up to 1 SD brighter in every modality
   (docs/MODEL_CARD.md, Known failure modes), and the intensity shift draws each modality
   independently within +-shift, so the model never saw all four raised together by more
   than that (plus the scale). The equal-sign weights are a simplification: the crescent's

@@ -64,6 +64,9 @@ PLAN_VERSION = 6  # bump when candidates or keys change: old plans are then igno
 # bf16 call sites gained a candidate ("bf16_cl") after version 3: their keys carry their own
 # version, so that fp32 plans (and fp32 outputs) stay as they were.
 PRECISION_KEYS = {"fp32": "fp32", "bf16": "bf16v2"}
+# bf16 training call sites since direct_bf16's weight gradient moved to fp32 (`_DirectConvFn`):
+# its cost changed, so those choices are measured again.
+BF16_GRAD_KEY = "bf16v3"
 MARGIN = 0.2  # a candidate must be 20% faster than the reference (direct / NCHW) to be chosen
 CLEAR = 3.0  # a candidate this many times slower than the fastest after one run is not rerun
 # Close calls: candidates within CLOSE of the fastest run ROUNDS more times, interleaved. On a
@@ -133,7 +136,13 @@ class _DirectConvFn(torch.autograd.Function):
             w_t = weight.flip(-2, -1).transpose(0, 1)  # [C, O, k, l]
             gx = F.conv2d(F.pad(g, (l - 1, l - 1, k - 1, k - 1)), w_t)
         if ctx.needs_input_grad[1]:
-            gw = F.conv2d(x.transpose(0, 1), g.transpose(0, 1)).transpose(0, 1)  # [O, C, k, l]
+            # This convolution's kernel is the output map (e.g. 48 x 48), and oneDNN's bf16
+            # convolution returns wrong sums for kernels of about 32 x 32 and more (torch
+            # 2.13.0, AMX and AVX-512-BF16 CPUs; relative error ~1): the weight gradient of a
+            # bf16 layer is computed in fp32.
+            xs, gs = (x.float(), g.float()) if x.dtype == torch.bfloat16 else (x, g)
+            gw = F.conv2d(xs.transpose(0, 1), gs.transpose(0, 1)).transpose(0, 1) \
+                .to(weight.dtype)  # [O, C, k, l]
         if ctx.needs_input_grad[2]:
             gb = g.sum((0, 2, 3))
         return gx, gw, gb
@@ -760,21 +769,33 @@ def _probe_input(x: torch.Tensor | Sequence[torch.Tensor], min_side: int
     return crop(x) if isinstance(x, torch.Tensor) else [crop(t) for t in x]
 
 
+# Inference choices measured on quiet cores of the CPUs the project has run on (like FFTW's
+# wisdom): on such a CPU a first run skips the ~2 s of measuring. Keyed like a plan file.
+SHIPPED_PLANS = Path(__file__).with_name("engine_plans.json")
+
+
 class Planner:
     """Per call site choices, measured once, kept in memory and in a JSON plan file.
 
     The plan file (default ~/.cache/tumorseg/engine-plan.json; TUMORSEG_ENGINE_PLAN overrides,
     an empty value keeps plans in memory only) is keyed by CPU, torch version and thread count.
+    `shipped`: a file of plans measured elsewhere, read under the plan file's own choices
+    (default: SHIPPED_PLANS when the plan file is the default one; a moved or in-memory plan,
+    as in tests and `--fresh-plan` benchmarks, measures everything itself).
     """
 
-    def __init__(self, path: str | Path | None = None):
+    def __init__(self, path: str | Path | None = None, shipped: str | Path | None = None):
         if path is None:
             env = os.environ.get("TUMORSEG_ENGINE_PLAN")
             path = (Path.home() / ".cache" / "tumorseg" / "engine-plan.json"
                     if env is None else (Path(env) if env else None))
+            if env is None and shipped is None:
+                shipped = SHIPPED_PLANS
         self.path = Path(path) if path else None
+        self.shipped = Path(shipped) if shipped else None
         self.lock = threading.Lock()
         self.choices: dict[str, str] = {}
+        self.measured: dict[str, str] = {}  # this process's choices for the current machine
         self.timings: dict[str, dict[str, float]] = {}
         self._loaded_for: str | None = None
 
@@ -782,26 +803,30 @@ class Planner:
         return f"{platform.machine()}|{cpu_name()}|torch {torch.__version__}|" \
                f"threads {torch.get_num_threads()}|v{PLAN_VERSION}"
 
-    def _read(self) -> dict:
-        if self.path is None or not self.path.is_file():
+    def _read(self, path: Path | None = None) -> dict:
+        path = path or self.path
+        if path is None or not path.is_file():
             return {}
         try:
-            data = json.loads(self.path.read_text())
+            data = json.loads(path.read_text())
             return data if isinstance(data, dict) else {}
         except (OSError, ValueError):
             return {}
 
     def _load(self, again: bool = False) -> None:
-        """Choices of this machine from the plan file, merged under the ones in memory."""
+        """Choices of this machine: shipped, under the plan file's, under the ones in memory."""
         machine = self.machine()
         if self._loaded_for == machine and not again:
             return
-        if self._loaded_for != machine:
-            self.choices = {}
+        if self._loaded_for != machine:  # e.g. another thread count: another plan
+            self.measured = {}
+        self.choices = {}
         self._loaded_for = machine
-        saved = self._read().get(machine, {})
-        if isinstance(saved, dict):
-            self.choices = {**saved, **self.choices}
+        for path in (self.shipped, self.path):  # the plan file's own choices win
+            saved = self._read(path).get(machine, {}) if path else {}
+            if isinstance(saved, dict):
+                self.choices.update((k, v) for k, v in saved.items() if isinstance(v, str))
+        self.choices.update(self.measured)
 
     def _save(self) -> None:
         if self.path is None:
@@ -810,7 +835,8 @@ class Planner:
             from tumorseg.io import atomic_write
 
             data = self._read()
-            data[self.machine()] = {**data.get(self.machine(), {}), **self.choices}
+            # Only what this process measured: shipped choices stay out of the user's file.
+            data[self.machine()] = {**data.get(self.machine(), {}), **self.measured}
             with atomic_write(self.path) as tmp:
                 tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
         except OSError:
@@ -859,7 +885,7 @@ class Planner:
             if times[best] > times[reference] * (1 - MARGIN):
                 best = reference
             with self.lock:
-                self.choices[key] = best
+                self.choices[key] = self.measured[key] = best
                 self.timings[key] = {n: round(t, 5) for n, t in times.items()}
                 self._save()
         return best
@@ -961,8 +987,9 @@ def _conv_choice(x: torch.Tensor | Sequence[torch.Tensor], weight: torch.Tensor,
         names += ["direct_bf16", "bf16_cl"]
     if len(names) == 1:
         return "direct"
-    key = _key("conv", xs, weight.shape[1], tuple(weight.shape), grad) + \
-        f"|{PRECISION_KEYS[opts.precision]}"
+    precision_key = BF16_GRAD_KEY if grad and opts.precision == "bf16" else \
+        PRECISION_KEYS[opts.precision]
+    key = _key("conv", xs, weight.shape[1], tuple(weight.shape), grad) + f"|{precision_key}"
     # Training tiles are small: measure on the call's own input (forward and backward).
     args = (xs if grad else _probe_input(xs, 2 * weight.shape[-1]), weight, bias)
     return planner.choose(key, {n: _probe(CONV_CANDIDATES[n], args, grad) for n in names})
