@@ -96,7 +96,8 @@ def engine_comparison(name: str, tile: int, batch: int, steps: int, bf16: bool =
         if bf16:
             half = bench(name, tile, batch, steps, output_layer_only=only_head, precision="bf16")
             out[phase].update(bf16_s_per_step=half["s_per_step"],
-                              bf16_speedup_over_new=round(new["s_per_step"] / half["s_per_step"], 2),
+                              bf16_speedup_over_new=round(
+                                  new["s_per_step"] / half["s_per_step"], 2),
                               bf16_max_rel_loss_diff=_max_rel_diff(new["losses"], half["losses"]))
     return out
 
