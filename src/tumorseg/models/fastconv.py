@@ -770,7 +770,7 @@ def _probe_input(x: torch.Tensor | Sequence[torch.Tensor], min_side: int
 
 
 # Inference choices measured on quiet cores of the CPUs the project has run on (like FFTW's
-# wisdom): on such a CPU a first run skips the ~2 s of measuring. Keyed like a plan file.
+# wisdom): on such a CPU a first run measures only what they lack. Keyed like a plan file.
 SHIPPED_PLANS = Path(__file__).with_name("engine_plans.json")
 
 
