@@ -32,14 +32,20 @@ def main() -> None:
     ap.add_argument("--tta", action="store_true")
     args = ap.parse_args()
     folds = json.loads((args.run / "folds.json").read_text())["folds"]
-    cache = Path(json.loads((args.run / "fold0" / "config.json").read_text())["data"]["cache_dir"]
-                 or args.run / "cache")
+    config = next(args.run.glob("fold*/config.json"), None)
+    if config is None:
+        raise SystemExit(f"oof_probabilities: no fold*/config.json in {args.run}")
+    cache = Path(json.loads(config.read_text())["data"]["cache_dir"] or args.run / "cache")
     out = args.run / ("oof_tta" if args.tta else "oof")
     out.mkdir(exist_ok=True)
     options = SegmentOptions(probabilities=True, tta=args.tta,
                              postprocess=PostprocessConfig(enabled=False))
     for i, fold in enumerate(folds):
-        model, meta = ckpt.load_model(args.run / f"fold{i}" / "model.pt")
+        weights = args.run / f"fold{i}" / "model.pt"
+        if not weights.exists():  # a run of some folds only (crossval --fold)
+            print(f"fold {i}: no {weights}, skipped", flush=True)
+            continue
+        model, meta = ckpt.load_model(weights)
         for cid in fold:
             dest = out / f"{cid}.npz"
             if dest.exists():

@@ -2,7 +2,8 @@
 
 Runs `tumorseg segment` on real cases with a fresh plan file for each released model and
 precision, keeps the inference call sites (`|nograd|` keys) and replaces this machine's entry
-in src/tumorseg/models/engine_plans.json. Run it on quiet cores (nothing else running): the
+in src/tumorseg/models/engine_plans.json (`--merge`: adds to it, the new measurements winning
+where both hold a call site). Run it on quiet cores (nothing else running): the
 choices are timings. A first `tumorseg segment` on a CPU found there then skips measuring.
 
     python scripts/record_engine_plan.py --cases ../shared/data/brats2018/Brats18_2013_11_1 \
@@ -53,14 +54,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=fastconv.SHIPPED_PLANS)
+    ap.add_argument("--merge", action="store_true",
+                    help="keep this machine's recorded choices that these runs did not meet")
     args = ap.parse_args(argv)
     recorded = record(args.cases, args.models, args.precisions, args.threads)
     plans = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    plans.update(recorded)
+    for machine, keys in recorded.items():
+        plans[machine] = {**plans.get(machine, {}), **keys} if args.merge else keys
     with atomic_write(args.out) as tmp:
         tmp.write_text(json.dumps(plans, indent=1, sort_keys=True) + "\n")
-    for machine, keys in recorded.items():
-        print(f"{args.out}: {len(keys)} choices for {machine}")
+    for machine in recorded:
+        print(f"{args.out}: {len(plans[machine])} choices for {machine}")
     return 0
 
 

@@ -183,3 +183,52 @@ def test_report_script_refuses_other_folds(tmp_path):
                                str(tmp_path / "base")], capture_output=True, text=True)
         assert done.returncode == 2 and done.stdout == ""
         assert done.stderr.count("\n") == 1 and rule in done.stderr, done.stderr
+
+
+def _write_oof(path, probs, ref, fold):
+    np.savez(path, probs=probs.astype(np.float16), label=ref, mask=np.ones(ref.shape, bool),
+             spacing=np.ones(3, np.float32), fold=fold)
+
+
+def test_ensemble_script_averages_runs_and_scores_each(tmp_path):
+    """Two runs each right on one half of the lesion and unsure on the other: their mean is the
+    reference. Dice counted here by sets, not by the script's histogram."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    ref = np.zeros((30, 30, 30), np.uint8)
+    ref[2:26, 2:26, 2:26] = 2
+    ref[5:23, 5:23, 5:23] = 1
+    ref[8:20, 8:20, 8:20] = 4  # 1,728 voxels: above the 500 mm^3 enhancing rule in either half
+    onehot = np.eye(5, dtype=np.float32)[ref]
+    unsure = onehot * 0.45
+    unsure[..., 0] += 0.55 * (ref > 0)  # tumour read as background, 0.55 against 0.45
+    unsure[ref == 0] = onehot[ref == 0]
+    left = np.arange(30)[:, None, None] < 15
+    runs = {"a": np.where(left[..., None], onehot, unsure),
+            "b": np.where(left[..., None], unsure, onehot)}
+    for name, probs in runs.items():
+        (tmp_path / name).mkdir()
+        _write_oof(tmp_path / name / "case1.npz", probs, ref, fold=1)
+    _write_oof(tmp_path / "a" / "only_a.npz", onehot, ref, fold=0)  # not in b: not scored
+    script = Path(__file__).resolve().parents[1] / "scripts" / "ensemble_oof.py"
+    done = subprocess.run([sys.executable, str(script), "--oof", str(tmp_path / "a"), "--oof",
+                           str(tmp_path / "b"), "--json", str(tmp_path / "out.json")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert list(out["cases"]) == ["case1"]
+
+    def dice(pred, classes):
+        p, r = np.isin(pred, classes), np.isin(ref, classes)
+        return 2 * (p & r).sum() / (p.sum() + r.sum())
+
+    regions = ((1, 2, 4), (1, 4), (4,))
+    for i, half in enumerate((left, ~left)):
+        alone = np.where(half, ref, 0)
+        expect = [dice(alone, c) for c in regions]
+        assert out["cases"]["case1"]["runs"][i] == pytest.approx(expect, abs=1e-12)
+        assert expect[0] < 0.75  # each alone misses about half the tumour
+    assert out["cases"]["case1"]["ensemble"] == [1.0, 1.0, 1.0]
+    assert out["pooled_ensemble"]["mean"] == 1.0 and out["cases"]["case1"]["fold"] == 1
