@@ -15,12 +15,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 from tune_postprocess import pooled, region_dice
 
 from tumorseg.postprocess import PostprocessConfig, postprocess
+
+
+def _fail(message: str) -> None:
+    """One line on stderr and exit code 2, as the CLI does for bad input."""
+    print(f"ensemble_oof: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def labels(probs: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -35,16 +42,21 @@ def score(dirs: list[Path]) -> dict:
     cases every dir holds."""
     common = sorted(set.intersection(*({p.stem for p in d.glob("*.npz")} for d in dirs)))
     if not common:
-        raise SystemExit("ensemble_oof: the OOF folders share no case")
+        _fail("the OOF folders share no case")
     out = {}
     for cid in common:
-        total, singles = None, []
+        total, first, singles = None, None, []
         for d in dirs:
             with np.load(d / f"{cid}.npz") as z:
                 probs = z["probs"].astype(np.float32)
                 ref, mask, fold = z["label"], z["mask"], int(z["fold"])
+            if first is None:
+                first, total = ref, np.zeros_like(probs)
+            elif probs.shape != total.shape or not np.array_equal(ref, first):
+                _fail(f"{d / cid}.npz is not on the grid of {dirs[0] / cid}.npz "
+                      "(the runs must share a preprocessing cache)")
             singles.append(region_dice(labels(probs, mask), ref))
-            total = probs if total is None else total + probs
+            total += probs
         out[cid] = {"fold": fold, "runs": singles,
                     "ensemble": region_dice(labels(total / len(dirs), mask), ref)}
         row = " | ".join(f"{w:.3f} {c:.3f} {e:.3f}" for w, c, e in singles)

@@ -232,3 +232,19 @@ def test_ensemble_script_averages_runs_and_scores_each(tmp_path):
         assert expect[0] < 0.75  # each alone misses about half the tumour
     assert out["cases"]["case1"]["ensemble"] == [1.0, 1.0, 1.0]
     assert out["pooled_ensemble"]["mean"] == 1.0 and out["cases"]["case1"]["fold"] == 1
+
+
+def test_ensemble_script_refuses_runs_on_other_grids(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    for name, n in (("a", 8), ("b", 9)):
+        (tmp_path / name).mkdir()
+        ref = np.zeros((n, n, n), np.uint8)
+        _write_oof(tmp_path / name / "case1.npz", np.eye(5, dtype=np.float32)[ref], ref, fold=0)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "ensemble_oof.py"
+    done = subprocess.run([sys.executable, str(script), "--oof", str(tmp_path / "a"), "--oof",
+                           str(tmp_path / "b")], capture_output=True, text=True)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and "not on the grid of" in done.stderr, done.stderr
