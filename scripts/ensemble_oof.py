@@ -19,22 +19,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from tune_postprocess import pooled, region_dice
-
-from tumorseg.postprocess import PostprocessConfig, postprocess
+from tune_postprocess import default_labels, pooled, region_dice
 
 
 def _fail(message: str) -> None:
     """One line on stderr and exit code 2, as the CLI does for bad input."""
     print(f"ensemble_oof: {message}", file=sys.stderr)
     raise SystemExit(2)
-
-
-def labels(probs: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Default pipeline labels (X, Y, Z) uint8 canonical from probs (X, Y, Z, 5)."""
-    lab = np.argmax(probs, axis=-1).astype(np.uint8)
-    lab[~mask] = 0
-    return postprocess(lab, PostprocessConfig())
 
 
 def score(dirs: list[Path]) -> dict:
@@ -55,10 +46,10 @@ def score(dirs: list[Path]) -> dict:
             elif probs.shape != total.shape or not np.array_equal(ref, first):
                 _fail(f"{d / cid}.npz is not on the grid of {dirs[0] / cid}.npz "
                       "(the runs must share a preprocessing cache)")
-            singles.append(region_dice(labels(probs, mask), ref))
+            singles.append(region_dice(default_labels(probs, mask), ref))
             total += probs
         out[cid] = {"fold": fold, "runs": singles,
-                    "ensemble": region_dice(labels(total / len(dirs), mask), ref)}
+                    "ensemble": region_dice(default_labels(total / len(dirs), mask), ref)}
         row = " | ".join(f"{w:.3f} {c:.3f} {e:.3f}" for w, c, e in singles)
         w, c, e = out[cid]["ensemble"]
         print(f"{cid:24s} fold {fold}  {row}  ->  {w:.3f} {c:.3f} {e:.3f}", flush=True)

@@ -55,6 +55,14 @@ def region_dice(pred: np.ndarray, ref: np.ndarray, extra: np.ndarray | None = No
     return out
 
 
+def default_labels(probs: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The `segment` pipeline's labels (X, Y, Z) uint8 canonical from probabilities (X, Y, Z, 5)
+    and the brain mask: argmax, 0 outside the brain, default post-processing."""
+    lab = np.argmax(probs, axis=-1).astype(np.uint8)
+    lab[~mask] = 0
+    return postprocess(lab, PostprocessConfig())
+
+
 def score_case(path: Path) -> tuple[int, dict[tuple, list[float]]]:
     """All candidates' Dice on one out-of-fold case: (fold, {candidate: [w, c, e]}).
 
@@ -91,9 +99,7 @@ def score_case(path: Path) -> tuple[int, dict[tuple, list[float]]]:
             for k, dice in _rules_1_2(lab_d, idx, shape, full, R, extra).items():
                 scores[(w0, w1, w2, w4, dmax, *k)] = dice
     # The package's own pipeline as the control (must equal the plain CV numbers).
-    lab = np.argmax(probs, axis=-1).astype(np.uint8)
-    lab[~mask] = 0
-    scores[("default",)] = region_dice(postprocess(lab, PostprocessConfig()), ref)
+    scores[("default",)] = region_dice(default_labels(probs, mask), ref)
     return fold, scores
 
 
